@@ -1,0 +1,249 @@
+"""``BrainLDM``: conditioning → latent (DDIM) → T1w image, plus encode/decode.
+
+Public arrays are **batched**, channels first: images ``(B, 1, D, H, W)`` float32 in [0, 1]
+(axes LAS, 1 mm: UPSTREAM.md §2), latents ``(B, 3, D/8, H/8, W/8)``, conditioning ``(B, 4)``
+in the order :data:`CONDITIONING_ORDER`. The networks underneath work per example.
+
+Seeds: sample ``i`` of a call gets its starting noise from its own seed only —
+``noise = jax.random.normal(jax.random.key(seed_i, impl="threefry2x32"), latent_shape)`` —
+see :func:`initial_noise`. With the default ``batch_size=1`` every sample runs through the same
+compiled program, so an image depends only on (weights, conditioning, seed, steps, scheduler,
+JAX version), never on which other samples share the call: bitwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jaxtyping import Array, Float, PRNGKeyArray
+
+from .models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
+from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_step, ddim_tables
+
+#: Order of the four conditioning values (UPSTREAM.md §1). All in [0, 1]; sex 0 = female, 1 = male.
+CONDITIONING_ORDER = ("sex", "age", "ventricular_volume", "brain_volume")
+#: The released model's image grid (voxels, 1 mm, LAS).
+IMAGE_SHAPE = (160, 224, 160)
+#: The PRNG implementation seeds are mapped with; fixed so results do not follow JAX defaults.
+PRNG_IMPL = "threefry2x32"
+
+
+def initial_noise(seed: int, latent_shape: Sequence[int]) -> Float[Array, "*latent_shape"]:
+    """The DDIM starting point N(0, 1) of shape ``latent_shape`` for one integer ``seed``."""
+    key = jax.random.key(int(seed), impl=PRNG_IMPL)
+    return jax.random.normal(key, tuple(latent_shape), jnp.float32)
+
+
+def _model_input(latent: Array, conditioning: Array) -> Array:
+    """``cat[latent, conditioning broadcast over space]`` for one example: ``(3 + 4, d, h, w)``."""
+    spatial = latent.shape[1:]
+    broadcast = jnp.broadcast_to(conditioning[:, None, None, None], conditioning.shape + spatial)
+    return jnp.concatenate([latent, broadcast], axis=0)
+
+
+@eqx.filter_jit
+def _denoise(
+    unet: DiffusionModelUNet,
+    tables: DDIMTables,
+    conditioning: Float[Array, "batch cond"],
+    noise: Float[Array, "batch latent d h w"],
+) -> Float[Array, "batch latent d h w"]:
+    """The DDIM loop (one compiled ``lax.scan``) from ``noise`` to a clean latent, per example."""
+
+    def predict_noise(latent: Array, timestep: Array, cond: Array) -> Array:
+        return unet(_model_input(latent, cond), timestep, cond[None, :])
+
+    def step(latents: Array, per_step: tuple[Array, Array, Array]) -> tuple[Array, None]:
+        timestep, alpha_prod, alpha_prod_prev = per_step
+        eps = jax.vmap(predict_noise, in_axes=(0, None, 0))(latents, timestep, conditioning)
+        return ddim_step(eps, alpha_prod, alpha_prod_prev, latents), None
+
+    latents, _ = lax.scan(step, noise, (tables.timesteps, tables.alpha_prod, tables.alpha_prod_prev))
+    return latents
+
+
+@eqx.filter_jit
+def _decode(vae: AutoencoderKL, latents: Array) -> Array:
+    return jax.vmap(vae.decode)(latents)
+
+
+@eqx.filter_jit
+def _encode(vae: AutoencoderKL, images: Array) -> tuple[Array, Array]:
+    return jax.vmap(vae.encode)(images)
+
+
+@dataclasses.dataclass
+class BrainLDM:
+    """The Brain LDM: autoencoder + conditional U-Net + DDIM schedule.
+
+    Build one with :meth:`from_pretrained` (a converted bundle), :meth:`random` (random
+    weights, any architecture), or directly from modules.
+    """
+
+    vae: AutoencoderKL
+    unet: DiffusionModelUNet
+    scheduler: DDIMSchedulerConfig = dataclasses.field(default_factory=DDIMSchedulerConfig)
+
+    def __post_init__(self) -> None:
+        expected_in = self.vae.config.latent_channels + self.unet.config.cross_attention_dim
+        if self.unet.config.in_channels != expected_in:
+            raise ValueError(
+                f"U-Net in_channels {self.unet.config.in_channels} != latent channels "
+                f"{self.vae.config.latent_channels} + conditioning size {self.unet.config.cross_attention_dim}"
+            )
+        if self.unet.config.out_channels != self.vae.config.latent_channels:
+            raise ValueError(
+                f"U-Net out_channels {self.unet.config.out_channels} != latent channels "
+                f"{self.vae.config.latent_channels}"
+            )
+
+    @classmethod
+    def random(
+        cls,
+        *,
+        key: PRNGKeyArray,
+        vae_config: AutoencoderKLConfig | None = None,
+        unet_config: DiffusionModelUNetConfig | None = None,
+        scheduler: DDIMSchedulerConfig | None = None,
+    ) -> BrainLDM:
+        """A model with random weights (upstream architecture unless configs are given)."""
+        vae_key, unet_key = jax.random.split(key)
+        return cls(
+            AutoencoderKL(vae_config, key=vae_key),
+            DiffusionModelUNet(unet_config, key=unet_key),
+            scheduler or DDIMSchedulerConfig(),
+        )
+
+    # -- shapes ------------------------------------------------------------------------------
+    @property
+    def conditioning_size(self) -> int:
+        return self.unet.config.cross_attention_dim
+
+    @property
+    def image_multiple(self) -> int:
+        """Every image size must be a multiple of this (32 for the released model)."""
+        return self.vae.config.downsampling_factor * self.unet.config.spatial_multiple
+
+    def latent_shape(self, image_shape: Sequence[int] = IMAGE_SHAPE) -> tuple[int, int, int, int]:
+        """``(latent_channels, D/8, H/8, W/8)`` for a ``(D, H, W)`` image grid.
+
+        Raises:
+            ValueError: if a size is not a positive multiple of :attr:`image_multiple`.
+        """
+        shape = tuple(int(s) for s in image_shape)
+        multiple = self.image_multiple
+        if len(shape) != 3 or any(s <= 0 or s % multiple for s in shape):
+            raise ValueError(
+                f"image shape {shape} is not three positive multiples of {multiple} "
+                f"(the U-Net halves the latent twice; e.g. {IMAGE_SHAPE})"
+            )
+        factor = self.vae.config.downsampling_factor
+        return (self.vae.config.latent_channels,) + tuple(s // factor for s in shape)
+
+    # -- sampling ----------------------------------------------------------------------------
+    def _check_conditioning(self, conditioning: Array | np.ndarray) -> Array:
+        cond = jnp.asarray(conditioning, jnp.float32)
+        if cond.ndim == 1:
+            cond = cond[None, :]
+        if cond.ndim != 2 or cond.shape[1] != self.conditioning_size:
+            raise ValueError(
+                f"conditioning must be (batch, {self.conditioning_size}) in the order "
+                f"{CONDITIONING_ORDER}, got shape {tuple(np.shape(conditioning))}"
+            )
+        if not bool(jnp.all(jnp.isfinite(cond))):
+            raise ValueError("conditioning contains NaN or infinite values")
+        return cond
+
+    def sample_latents(
+        self,
+        conditioning: Float[Array, "batch 4"] | np.ndarray,
+        seeds: Sequence[int] | int,
+        *,
+        num_inference_steps: int = 50,
+        image_shape: Sequence[int] = IMAGE_SHAPE,
+        batch_size: int = 1,
+    ) -> Float[Array, "batch 3 d h w"]:
+        """Clean latents by DDIM (eta = 0) from per-sample seeds.
+
+        Args:
+            conditioning: ``(B, 4)`` (or ``(4,)``), order :data:`CONDITIONING_ORDER`, values in
+                [0, 1] (others are extrapolation; accepted, as upstream).
+            seeds: one integer per sample (or one int for B = 1); see :func:`initial_noise`.
+            num_inference_steps: DDIM steps (50 upstream).
+            image_shape: image grid ``(D, H, W)`` in voxels, multiples of :attr:`image_multiple`.
+            batch_size: samples per compiled call. 1 (default) makes every image independent of
+                the others in the call, bitwise; larger is faster on accelerators and equal up
+                to float rounding.
+
+        Returns:
+            ``(B, 3, D/8, H/8, W/8)`` float32.
+        """
+        cond = self._check_conditioning(conditioning)
+        seed_list = [seeds] if isinstance(seeds, (int, np.integer)) else list(seeds)
+        if len(seed_list) != cond.shape[0]:
+            raise ValueError(f"got {len(seed_list)} seeds for {cond.shape[0]} conditioning rows")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+        latent_shape = self.latent_shape(image_shape)
+        tables = ddim_tables(self.scheduler, num_inference_steps)
+        noise = jnp.stack([initial_noise(seed, latent_shape) for seed in seed_list])
+        chunks = [
+            _denoise(self.unet, tables, cond[start:start + batch_size], noise[start:start + batch_size])
+            for start in range(0, cond.shape[0], batch_size)
+        ]
+        return jnp.concatenate(chunks)
+
+    def sample(
+        self,
+        conditioning: Float[Array, "batch 4"] | np.ndarray,
+        seeds: Sequence[int] | int,
+        *,
+        num_inference_steps: int = 50,
+        image_shape: Sequence[int] = IMAGE_SHAPE,
+        batch_size: int = 1,
+    ) -> Float[Array, "batch 1 D H W"]:
+        """Synthetic T1w images ``(B, 1, D, H, W)`` float32, ≈ [0, 1] (not clipped, as upstream).
+
+        Arguments as :meth:`sample_latents`; the latents are decoded one sample at a time.
+        """
+        latents = self.sample_latents(
+            conditioning, seeds, num_inference_steps=num_inference_steps,
+            image_shape=image_shape, batch_size=batch_size,
+        )
+        return self.decode(latents)
+
+    # -- autoencoder -------------------------------------------------------------------------
+    def encode(
+        self, images: Float[Array, "batch 1 D H W"] | np.ndarray
+    ) -> tuple[Float[Array, "batch 3 d h w"], Float[Array, "batch 3 d h w"]]:
+        """Posterior ``(z_mu, z_sigma)`` of images ``(B, 1, D, H, W)`` in [0, 1]; ``z_mu`` is
+        the deterministic latent. Sizes must be multiples of :attr:`image_multiple`."""
+        images = jnp.asarray(images, jnp.float32)
+        if images.ndim != 5 or images.shape[1] != self.vae.config.in_channels:
+            raise ValueError(
+                f"images must be (batch, {self.vae.config.in_channels}, D, H, W), "
+                f"got {tuple(images.shape)}"
+            )
+        self.latent_shape(images.shape[2:])
+        pairs = [_encode(self.vae, images[i:i + 1]) for i in range(images.shape[0])]
+        return jnp.concatenate([p[0] for p in pairs]), jnp.concatenate([p[1] for p in pairs])
+
+    def decode(self, latents: Float[Array, "batch 3 d h w"] | np.ndarray) -> Float[Array, "batch 1 D H W"]:
+        """Images ``(B, 1, 8d, 8h, 8w)`` from latents ``(B, 3, d, h, w)``, one sample at a time."""
+        latents = jnp.asarray(latents, jnp.float32)
+        if latents.ndim != 5 or latents.shape[1] != self.vae.config.latent_channels:
+            raise ValueError(
+                f"latents must be (batch, {self.vae.config.latent_channels}, d, h, w), "
+                f"got {tuple(latents.shape)}"
+            )
+        return jnp.concatenate([_decode(self.vae, latents[i:i + 1]) for i in range(latents.shape[0])])
+
+
+__all__ = ["BrainLDM", "CONDITIONING_ORDER", "IMAGE_SHAPE", "initial_noise"]

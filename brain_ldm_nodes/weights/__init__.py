@@ -1,0 +1,1 @@
+"""Reading and converting pretrained weights (torch checkpoints, safetensors) without torch."""
