@@ -14,7 +14,10 @@ JAX version), never on which other samples share the call: bitwise.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -90,6 +93,8 @@ class BrainLDM:
     vae: AutoencoderKL
     unet: DiffusionModelUNet
     scheduler: DDIMSchedulerConfig = dataclasses.field(default_factory=DDIMSchedulerConfig)
+    #: Where the weights came from (bundle ids, revisions, folders, sha256): for sidecars.
+    source: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         expected_in = self.vae.config.latent_channels + self.unet.config.cross_attention_dim
@@ -119,6 +124,89 @@ class BrainLDM:
             AutoencoderKL(vae_config, key=vae_key),
             DiffusionModelUNet(unet_config, key=unet_key),
             scheduler or DDIMSchedulerConfig(),
+        )
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        repo_id_or_path: str | os.PathLike,
+        *,
+        revision: str | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        local_files_only: bool | None = None,
+        token: str | bool | None = None,
+        verify: bool = True,
+    ) -> BrainLDM:
+        """Load a ``brain_ldm.1`` bundle and its base ``brain_ldm.vae`` bundle.
+
+        Args:
+            repo_id_or_path: a bundle folder, or a Hugging Face Hub repo id.
+            revision: Hub branch, tag or commit (ignored for folders).
+            cache_dir: Hugging Face cache (default: ``HF_HUB_CACHE`` / ``HF_HOME``).
+            local_files_only: never download (``HF_HUB_OFFLINE=1`` does the same).
+            token: Hub token for private repos.
+            verify: check each weights file against the sha256 in its ``config.json``.
+
+        Raises:
+            brain_ldm_nodes.weights.bundle.BundleError: with the bundle and the reason.
+        """
+        from .weights import bundle
+
+        hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
+        folder = bundle.resolve_bundle(repo_id_or_path, revision=revision, **hub)
+        config = bundle.read_bundle_config(folder)
+        if not isinstance(config, bundle.ModelBundleConfig):
+            raise bundle.BundleError(
+                f"{repo_id_or_path}: is a {config.bundle_type} bundle (the autoencoder alone); "
+                f"BrainLDM.from_pretrained needs a {bundle.MODEL_BUNDLE} bundle, which names it as its base"
+            )
+        vae_folder = bundle.resolve_base(folder, config.base, **hub)
+        vae_config = bundle.read_bundle_config(vae_folder)
+        if not isinstance(vae_config, bundle.VAEBundleConfig):
+            raise bundle.BundleError(
+                f"{vae_folder}: the base of {repo_id_or_path} must be a {bundle.VAE_BUNDLE} bundle, "
+                f"found {vae_config.bundle_type}"
+            )
+        unet = bundle.load_bundle_weights(folder, config, verify=verify)
+        vae = bundle.load_bundle_weights(vae_folder, vae_config, verify=verify)
+        source = {
+            "model": {"id": os.fspath(repo_id_or_path), "revision": revision, "folder": str(folder),
+                      "weights_sha256": config.weights_sha256},
+            "vae": {"id": config.base.repo_id or config.base.path, "revision": config.base.revision,
+                    "folder": str(vae_folder), "weights_sha256": vae_config.weights_sha256},
+        }
+        return cls(vae, unet, config.scheduler, source)
+
+    def save_pretrained(
+        self,
+        path: str | os.PathLike,
+        *,
+        vae_path: str | os.PathLike | None = None,
+        base_repo_id: str | None = None,
+        base_revision: str | None = None,
+        provenance: dict[str, Any] | None = None,
+    ) -> Path:
+        """Write this model as a ``brain_ldm.1`` bundle at ``path`` and its base.
+
+        The base VAE bundle is written to ``vae_path`` (default: ``brain_ldm.vae`` beside
+        ``path``) and referred to by relative path; with ``base_repo_id`` it is also (or, when
+        ``vae_path`` is not given, only) referred to by Hub repo id + ``base_revision``, and
+        not written. Returns ``path``.
+        """
+        from .weights import bundle
+
+        path = Path(path)
+        relative = None
+        if vae_path is not None or base_repo_id is None:
+            vae_path = Path(vae_path) if vae_path is not None else path.parent / bundle.VAE_BUNDLE
+            bundle.save_vae_bundle(
+                vae_path, self.vae.config, bundle.module_tensors(self.vae), provenance=provenance
+            )
+            relative = os.path.relpath(vae_path.resolve(), path.resolve())
+        base = bundle.BaseReference(repo_id=base_repo_id, revision=base_revision, path=relative)
+        return bundle.save_model_bundle(
+            path, self.unet.config, bundle.module_tensors(self.unet), self.scheduler, base,
+            provenance=provenance,
         )
 
     # -- shapes ------------------------------------------------------------------------------
@@ -224,14 +312,17 @@ class BrainLDM:
         self, images: Float[Array, "batch 1 D H W"] | np.ndarray
     ) -> tuple[Float[Array, "batch 3 d h w"], Float[Array, "batch 3 d h w"]]:
         """Posterior ``(z_mu, z_sigma)`` of images ``(B, 1, D, H, W)`` in [0, 1]; ``z_mu`` is
-        the deterministic latent. Sizes must be multiples of :attr:`image_multiple`."""
+        the deterministic latent. Sizes must be multiples of the autoencoder's factor (8); to
+        sample from or invert the latent they must be multiples of :attr:`image_multiple`."""
         images = jnp.asarray(images, jnp.float32)
         if images.ndim != 5 or images.shape[1] != self.vae.config.in_channels:
             raise ValueError(
                 f"images must be (batch, {self.vae.config.in_channels}, D, H, W), "
                 f"got {tuple(images.shape)}"
             )
-        self.latent_shape(images.shape[2:])
+        factor = self.vae.config.downsampling_factor
+        if any(size % factor for size in images.shape[2:]):
+            raise ValueError(f"image shape {tuple(images.shape[2:])} is not three multiples of {factor}")
         pairs = [_encode(self.vae, images[i:i + 1]) for i in range(images.shape[0])]
         return jnp.concatenate([p[0] for p in pairs]), jnp.concatenate([p[1] for p in pairs])
 

@@ -83,18 +83,10 @@ def named_parameters(module: eqx.Module) -> dict[str, jax.Array | jax.ShapeDtype
     return {_path_name(path): leaf for path, leaf in leaves}
 
 
-def load_parameters(
-    module: Module, tensors: Mapping[str, np.ndarray], *, source: str = "state dict"
-) -> Module:
-    """A copy of ``module`` whose array leaves are replaced by ``tensors`` (our names).
-
-    ``module`` may be a shape-only skeleton from :func:`equinox.filter_eval_shape`. Every leaf
-    must be given exactly once with its exact shape; values are cast to float32.
-
-    Raises:
-        WeightMappingError: listing unknown, missing and wrong-shaped names (``source`` names
-            the file or bundle in the message).
-    """
+def check_parameters(
+    module: eqx.Module, tensors: Mapping[str, np.ndarray], *, source: str = "state dict"
+) -> None:
+    """Raise :class:`WeightMappingError` unless ``tensors`` (our names) fit ``module`` exactly."""
     expected = named_parameters(module)
     unknown = sorted(set(tensors) - set(expected))
     missing = sorted(set(expected) - set(tensors))
@@ -110,9 +102,38 @@ def load_parameters(
                 shown = ", ".join(names[:10]) + (f", … ({len(names) - 10} more)" if len(names) > 10 else "")
                 problems.append(f"{len(names)} {label} key(s): {shown}")
         raise WeightMappingError(
-            f"{source}: does not fit {type(module).__name__}"
-            f"({getattr(module, 'config', '')}): " + "; ".join(problems)
+            f"{source}: does not fit the {type(module).__name__} architecture of its config: "
+            + "; ".join(problems)
         )
+
+
+def rename_monai_state_dict(
+    state_dict: Mapping[str, np.ndarray], *, source: str = "state dict"
+) -> dict[str, np.ndarray]:
+    """``{our name: tensor}`` for a MONAI state dict with old or current key names."""
+    renamed: dict[str, np.ndarray] = {}
+    for name, tensor in state_dict.items():
+        ours = monai_to_ours(name)
+        if ours in renamed:
+            raise WeightMappingError(f"{source}: two keys map to {ours!r} (one is {name!r})")
+        renamed[ours] = tensor
+    return renamed
+
+
+def load_parameters(
+    module: Module, tensors: Mapping[str, np.ndarray], *, source: str = "state dict"
+) -> Module:
+    """A copy of ``module`` whose array leaves are replaced by ``tensors`` (our names).
+
+    ``module`` may be a shape-only skeleton from :func:`equinox.filter_eval_shape`. Every leaf
+    must be given exactly once with its exact shape; values are cast to float32.
+
+    Raises:
+        WeightMappingError: listing unknown, missing and wrong-shaped names (``source`` names
+            the file or bundle in the message).
+    """
+    expected = named_parameters(module)
+    check_parameters(module, tensors, source=source)
     params, static = eqx.partition(module, _is_parameter)
     leaves, treedef = jax.tree_util.tree_flatten(params)
     new_leaves = [jax.numpy.asarray(np.asarray(tensors[name], dtype=np.float32)) for name in expected]
@@ -124,10 +145,4 @@ def load_monai_state_dict(
     module: Module, state_dict: Mapping[str, np.ndarray], *, source: str = "state dict"
 ) -> Module:
     """``module`` with the weights of a MONAI state dict (old or current key names)."""
-    renamed: dict[str, np.ndarray] = {}
-    for name, tensor in state_dict.items():
-        ours = monai_to_ours(name)
-        if ours in renamed:
-            raise WeightMappingError(f"{source}: two keys map to {ours!r} (one is {name!r})")
-        renamed[ours] = tensor
-    return load_parameters(module, renamed, source=source)
+    return load_parameters(module, rename_monai_state_dict(state_dict, source=source), source=source)

@@ -1,0 +1,1 @@
+"""Command-line programs: brain-ldm-convert (and, later, the BIDS App)."""

@@ -1,0 +1,391 @@
+"""Safetensors bundles: ``brain_ldm.vae`` (the autoencoder, the base) and ``brain_ldm.1``
+(the U-Net + scheduler, which names its base instead of copying it).
+
+A bundle is a folder (a local path or a Hugging Face Hub repo) holding
+
+* ``config.json`` — the bundle's config dataclass as JSON (:class:`VAEBundleConfig` or
+  :class:`ModelBundleConfig`): full architecture, weights file name and its sha256;
+* ``autoencoder.safetensors`` or ``unet.safetensors`` — float32 tensors under our parameter
+  names (:mod:`brain_ldm_nodes.weights.mapping`), PyTorch layouts;
+* ``README.md`` — a Hugging Face model card (front matter: license, tags, base model).
+
+Hub resolution goes through :func:`huggingface_hub.snapshot_download`, so ``HF_HUB_OFFLINE``,
+``HF_HOME``/``HF_HUB_CACHE``, revisions and tokens behave as everywhere else in the ecosystem.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import equinox as eqx
+import jax
+import numpy as np
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from .._version import __version__
+from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ..models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
+from ..scheduler import DDIMSchedulerConfig
+from .mapping import WeightMappingError, check_parameters, load_parameters, named_parameters
+
+FORMAT_VERSION = 1
+VAE_BUNDLE = "brain_ldm.vae"
+MODEL_BUNDLE = "brain_ldm.1"
+VAE_WEIGHTS = "autoencoder.safetensors"
+UNET_WEIGHTS = "unet.safetensors"
+BUNDLE_FILES = ["config.json", "*.safetensors", "README.md"]
+
+
+class BundleError(ValueError):
+    """A bundle cannot be found, read or trusted; the message names it and says why."""
+
+
+@dataclasses.dataclass(frozen=True)
+class BaseReference:
+    """Where a model bundle's base (VAE) bundle lives: a Hub repo and/or a relative path.
+
+    A ``path`` (relative to the model bundle's folder) is tried first when it exists, so a
+    freshly converted pair of folders works before anything is published.
+    """
+
+    repo_id: str | None = None
+    revision: str | None = None
+    path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.repo_id is None and self.path is None:
+            raise ValueError("a base reference needs a repo_id or a path")
+
+
+@dataclasses.dataclass(frozen=True)
+class VAEBundleConfig:
+    """``config.json`` of a ``brain_ldm.vae`` bundle."""
+
+    autoencoder: AutoencoderKLConfig
+    weights_file: str = VAE_WEIGHTS
+    weights_sha256: str = ""
+    bundle_type: Literal["brain_ldm.vae"] = VAE_BUNDLE
+    format_version: int = FORMAT_VERSION
+    provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelBundleConfig:
+    """``config.json`` of a ``brain_ldm.1`` bundle (U-Net + scheduler; the VAE is the base)."""
+
+    unet: DiffusionModelUNetConfig
+    scheduler: DDIMSchedulerConfig
+    base: BaseReference
+    weights_file: str = UNET_WEIGHTS
+    weights_sha256: str = ""
+    conditioning_order: tuple[str, ...] = ("sex", "age", "ventricular_volume", "brain_volume")
+    image_shape: tuple[int, int, int] = (160, 224, 160)
+    bundle_type: Literal["brain_ldm.1"] = MODEL_BUNDLE
+    format_version: int = FORMAT_VERSION
+    provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+
+_NESTED = {
+    "autoencoder": AutoencoderKLConfig,
+    "unet": DiffusionModelUNetConfig,
+    "scheduler": DDIMSchedulerConfig,
+    "base": BaseReference,
+}
+
+
+def _to_json(config: VAEBundleConfig | ModelBundleConfig) -> str:
+    data = dataclasses.asdict(config)
+    return json.dumps(data, indent=2, sort_keys=True, default=list) + "\n"
+
+
+def _from_json(text: str, source: str) -> VAEBundleConfig | ModelBundleConfig:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise BundleError(f"{source}: config.json is not valid JSON ({error})") from None
+    if not isinstance(data, dict):
+        raise BundleError(f"{source}: config.json must hold a JSON object")
+    kind = data.get("bundle_type")
+    cls = {VAE_BUNDLE: VAEBundleConfig, MODEL_BUNDLE: ModelBundleConfig}.get(kind)
+    if cls is None:
+        raise BundleError(
+            f"{source}: config.json has bundle_type {kind!r}; expected {VAE_BUNDLE!r} or {MODEL_BUNDLE!r}"
+        )
+    if data.get("format_version") != FORMAT_VERSION:
+        raise BundleError(
+            f"{source}: bundle format_version {data.get('format_version')!r} is not supported by "
+            f"brain-ldm-nodes {__version__} (supported: {FORMAT_VERSION})"
+        )
+    known = {field.name for field in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise BundleError(f"{source}: config.json has unknown key(s) {unknown}")
+    try:
+        kwargs = {
+            name: _NESTED[name](**value) if name in _NESTED else value for name, value in data.items()
+        }
+        for name in ("conditioning_order", "image_shape"):
+            if name in kwargs:
+                kwargs[name] = tuple(kwargs[name])
+        return cls(**kwargs)
+    except (TypeError, ValueError) as error:
+        raise BundleError(f"{source}: config.json does not describe a valid {kind} bundle: {error}") from None
+
+
+def sha256_of(path: Path) -> str:
+    """Hex sha256 of a file, streamed in 8 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(8 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- writing -------------------------------------------------------------------------------------
+def _write_bundle(
+    folder: Path,
+    tensors: Mapping[str, np.ndarray],
+    config_without_sha: VAEBundleConfig | ModelBundleConfig,
+    card: str,
+) -> Path:
+    """Write weights, config and card into ``folder`` via a sibling temporary folder + rename."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        weights = staging / config_without_sha.weights_file
+        save_file(tensors, str(weights), metadata={"format": "np", "bundle_type": config_without_sha.bundle_type})
+        config = dataclasses.replace(config_without_sha, weights_sha256=sha256_of(weights))
+        (staging / "config.json").write_text(_to_json(config), encoding="utf-8")
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        if folder.exists():
+            if not (folder / "config.json").is_file():
+                raise BundleError(f"{folder}: exists and is not a bundle; refusing to overwrite it")
+            shutil.rmtree(folder)
+        os.replace(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return folder
+
+
+def module_tensors(module: eqx.Module) -> dict[str, np.ndarray]:
+    """``{our name: float32 numpy array}`` of a network, as bundles store it."""
+    return {name: np.asarray(array, np.float32) for name, array in named_parameters(module).items()}
+
+
+def save_vae_bundle(
+    folder: str | os.PathLike,
+    config: AutoencoderKLConfig,
+    tensors: Mapping[str, np.ndarray],
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a ``brain_ldm.vae`` bundle into ``folder`` (replaced if it already is a bundle).
+
+    ``tensors`` are checked against ``config``'s architecture before anything is written.
+    """
+    skeleton = eqx.filter_eval_shape(AutoencoderKL, config, key=jax.random.key(0))
+    check_parameters(skeleton, tensors, source=str(folder))
+    bundle_config = VAEBundleConfig(config, provenance=dict(provenance or {}))
+    return _write_bundle(Path(folder), tensors, bundle_config, model_card(bundle_config))
+
+
+def save_model_bundle(
+    folder: str | os.PathLike,
+    config: DiffusionModelUNetConfig,
+    tensors: Mapping[str, np.ndarray],
+    scheduler: DDIMSchedulerConfig,
+    base: BaseReference,
+    *,
+    provenance: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a ``brain_ldm.1`` bundle (U-Net + scheduler, referring to ``base``) into ``folder``."""
+    skeleton = eqx.filter_eval_shape(DiffusionModelUNet, config, key=jax.random.key(0))
+    check_parameters(skeleton, tensors, source=str(folder))
+    bundle_config = ModelBundleConfig(config, scheduler, base, provenance=dict(provenance or {}))
+    return _write_bundle(Path(folder), tensors, bundle_config, model_card(bundle_config))
+
+
+def model_card(config: VAEBundleConfig | ModelBundleConfig) -> str:
+    """A Hugging Face model card (YAML front matter + Markdown) for a bundle."""
+    is_vae = isinstance(config, VAEBundleConfig)
+    front = [
+        "---",
+        "license: apache-2.0",
+        "library_name: brain-ldm-nodes",
+        "tags:",
+        *[f"- {tag}" for tag in ("medical-imaging", "mri", "neuroimaging", "brain", "3d",
+                                 "latent-diffusion", "jax", "equinox", "brain-ldm-nodes")],
+    ]
+    if not is_vae and config.base.repo_id:
+        front += [f"base_model: {config.base.repo_id}", "base_model_relation: adapter"]
+    front.append("---")
+    provenance = json.dumps(dict(config.provenance), indent=2, sort_keys=True)
+    if is_vae:
+        title = "# Brain LDM autoencoder (`brain_ldm.vae`)"
+        what = (
+            "The KL autoencoder of the Brain LDM (Pinaya et al. 2022): a 3-D T1w image "
+            "(1 mm, LAS, intensities in [0, 1]) ↔ a 3-channel latent at 1/8 size. This is the "
+            "base bundle of `brain_ldm.1`."
+        )
+    else:
+        base = config.base.repo_id or config.base.path
+        title = "# Brain LDM diffusion model (`brain_ldm.1`)"
+        what = (
+            "The conditional 3-D diffusion U-Net and DDIM scheduler of the Brain LDM (Pinaya et "
+            "al. 2022). Conditioning, in this order: sex (0 = female, 1 = male), age "
+            "((years − 44) / 38), ventricular CSF volume, brain volume, each in [0, 1]. Only the "
+            f"U-Net is stored here; the autoencoder is the base bundle `{base}`"
+            + (f" at revision `{config.base.revision}`" if config.base.revision else "") + "."
+        )
+    return "\n".join(front) + f"""
+
+{title}
+
+{what}
+
+Load with [brain-ldm-nodes](https://github.com/brain-ldm-nodes/brain-ldm-nodes):
+
+```python
+from brain_ldm_nodes import BrainLDM
+model = BrainLDM.from_pretrained("<this repo id or folder>")
+```
+
+Research use only; not a medical device. Synthetic images are not patient data but the
+model was trained on UK Biobank T1w images (31,740 subjects).
+
+## Provenance
+
+Weights converted from the MONAI model-zoo bundle `brain_image_synthesis_latent_diffusion_model`
+(architecture and weights © MONAI Consortium, Apache-2.0) unless the record below says
+otherwise. Weights file `{config.weights_file}`, sha256 `{config.weights_sha256 or '(see config.json)'}`.
+
+```json
+{provenance}
+```
+
+## Citation
+
+Pinaya W. H. L., Tudosiu P.-D., Dafflon J., Da Costa P. F., Fernandez V., Nachev P., Ourselin S.,
+Cardoso M. J. (2022). Brain imaging generation with latent diffusion models. MICCAI Workshop on
+Deep Generative Models, pp. 117–126. arXiv:2209.07162.
+"""
+
+
+# -- reading -------------------------------------------------------------------------------------
+def resolve_bundle(
+    repo_id_or_path: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The local folder of a bundle: an existing directory as is, else a Hub snapshot.
+
+    Raises:
+        BundleError: the folder lacks ``config.json``, or the repo is not in the cache while
+            offline, or does not exist; the message says which and what to do.
+    """
+    candidate = Path(os.fspath(repo_id_or_path)).expanduser()
+    if candidate.is_dir():
+        if not (candidate / "config.json").is_file():
+            raise BundleError(f"{candidate}: not a brain-ldm bundle (no config.json)")
+        return candidate
+    name = os.fspath(repo_id_or_path)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise BundleError(f"{name}: no such bundle folder")
+    import huggingface_hub
+    from huggingface_hub import errors as hub_errors
+
+    kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token,
+                              "allow_patterns": BUNDLE_FILES}
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    try:
+        folder = huggingface_hub.snapshot_download(name, **kwargs)
+    except hub_errors.LocalEntryNotFoundError:
+        raise BundleError(
+            f"{name}" + (f"@{revision}" if revision else "") + ": not found in the Hugging Face "
+            "cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only). Download it "
+            "first on a machine with network access, e.g. "
+            f"`hf download {name}" + (f" --revision {revision}" if revision else "") + "`, "
+            "and point HF_HOME/HF_HUB_CACHE at that cache"
+        ) from None
+    except hub_errors.HFValidationError as error:
+        raise BundleError(f"{name}: neither a bundle folder nor a valid Hub repo id ({error})") from None
+    except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
+        raise BundleError(f"{name}: {type(error).__name__}: {error}".splitlines()[0]) from None
+    return Path(folder)
+
+
+def read_bundle_config(folder: Path) -> VAEBundleConfig | ModelBundleConfig:
+    """Parse and validate ``folder/config.json``."""
+    path = Path(folder) / "config.json"
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise BundleError(f"{folder}: cannot read config.json ({error.strerror})") from None
+    return _from_json(text, str(folder))
+
+
+def load_bundle_weights(
+    folder: Path, config: VAEBundleConfig | ModelBundleConfig, *, verify: bool = True
+) -> AutoencoderKL | DiffusionModelUNet:
+    """The network of a bundle, its weights checked against the sha256 in ``config.json``."""
+    weights = Path(folder) / config.weights_file
+    if not weights.is_file():
+        raise BundleError(f"{folder}: weights file {config.weights_file} is missing")
+    if verify:
+        digest = sha256_of(weights)
+        if digest != config.weights_sha256:
+            raise BundleError(
+                f"{weights}: sha256 {digest} does not match {config.weights_sha256} in config.json; "
+                "the file is corrupt or was modified (re-download or re-convert it)"
+            )
+    if isinstance(config, VAEBundleConfig):
+        skeleton = eqx.filter_eval_shape(AutoencoderKL, config.autoencoder, key=jax.random.key(0))
+    else:
+        skeleton = eqx.filter_eval_shape(DiffusionModelUNet, config.unet, key=jax.random.key(0))
+    try:
+        with safe_open(str(weights), framework="numpy") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises its own SafetensorError
+        raise BundleError(f"{weights}: not a readable safetensors file ({error})") from None
+    try:
+        return load_parameters(skeleton, tensors, source=str(weights))
+    except WeightMappingError as error:
+        raise BundleError(str(error)) from None
+
+
+def resolve_base(
+    folder: Path,
+    base: BaseReference,
+    *,
+    cache_dir: str | os.PathLike | None = None,
+    local_files_only: bool | None = None,
+    token: str | bool | None = None,
+) -> Path:
+    """The local folder of a model bundle's base VAE bundle."""
+    if base.path is not None:
+        local = (Path(folder) / base.path).resolve()
+        if local.is_dir():
+            return resolve_bundle(local)
+        if base.repo_id is None:
+            raise BundleError(
+                f"{folder}: base bundle path {base.path!r} ({local}) does not exist and no base repo_id is given"
+            )
+    return resolve_bundle(
+        base.repo_id, revision=base.revision, cache_dir=cache_dir,
+        local_files_only=local_files_only, token=token,
+    )
