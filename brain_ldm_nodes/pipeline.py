@@ -95,8 +95,12 @@ class BrainLDM:
     scheduler: DDIMSchedulerConfig = dataclasses.field(default_factory=DDIMSchedulerConfig)
     #: Where the weights came from (bundle ids, revisions, folders, sha256): for sidecars.
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
+    #: The image grid ``(D, H, W)`` the model was trained on; the default for sampling.
+    image_shape: tuple[int, int, int] = IMAGE_SHAPE
 
     def __post_init__(self) -> None:
+        self.image_shape = tuple(int(size) for size in self.image_shape)
+        self.latent_shape()  # the native grid must fit the networks
         expected_in = self.vae.config.latent_channels + self.unet.config.cross_attention_dim
         if self.unet.config.in_channels != expected_in:
             raise ValueError(
@@ -117,13 +121,18 @@ class BrainLDM:
         vae_config: AutoencoderKLConfig | None = None,
         unet_config: DiffusionModelUNetConfig | None = None,
         scheduler: DDIMSchedulerConfig | None = None,
+        image_shape: Sequence[int] = IMAGE_SHAPE,
     ) -> BrainLDM:
-        """A model with random weights (upstream architecture unless configs are given)."""
+        """A model with random weights (upstream architecture unless configs are given).
+
+        ``image_shape`` is its native grid (for tiny test models, a small one such as (32, 32, 32)).
+        """
         vae_key, unet_key = jax.random.split(key)
         return cls(
             AutoencoderKL(vae_config, key=vae_key),
             DiffusionModelUNet(unet_config, key=unet_key),
             scheduler or DDIMSchedulerConfig(),
+            image_shape=tuple(image_shape),
         )
 
     @classmethod
@@ -175,7 +184,7 @@ class BrainLDM:
             "vae": {"id": config.base.repo_id or config.base.path, "revision": config.base.revision,
                     "folder": str(vae_folder), "weights_sha256": vae_config.weights_sha256},
         }
-        return cls(vae, unet, config.scheduler, source)
+        return cls(vae, unet, config.scheduler, source, tuple(config.image_shape))
 
     def save_pretrained(
         self,
@@ -206,7 +215,7 @@ class BrainLDM:
         base = bundle.BaseReference(repo_id=base_repo_id, revision=base_revision, path=relative)
         return bundle.save_model_bundle(
             path, self.unet.config, bundle.module_tensors(self.unet), self.scheduler, base,
-            provenance=provenance,
+            provenance=provenance, image_shape=self.image_shape,
         )
 
     # -- shapes ------------------------------------------------------------------------------
@@ -219,13 +228,13 @@ class BrainLDM:
         """Every image size must be a multiple of this (32 for the released model)."""
         return self.vae.config.downsampling_factor * self.unet.config.spatial_multiple
 
-    def latent_shape(self, image_shape: Sequence[int] = IMAGE_SHAPE) -> tuple[int, int, int, int]:
-        """``(latent_channels, D/8, H/8, W/8)`` for a ``(D, H, W)`` image grid.
+    def latent_shape(self, image_shape: Sequence[int] | None = None) -> tuple[int, int, int, int]:
+        """``(latent_channels, D/8, H/8, W/8)`` for a ``(D, H, W)`` grid (default :attr:`image_shape`).
 
         Raises:
             ValueError: if a size is not a positive multiple of :attr:`image_multiple`.
         """
-        shape = tuple(int(s) for s in image_shape)
+        shape = tuple(int(s) for s in (self.image_shape if image_shape is None else image_shape))
         multiple = self.image_multiple
         if len(shape) != 3 or any(s <= 0 or s % multiple for s in shape):
             raise ValueError(
@@ -255,7 +264,7 @@ class BrainLDM:
         seeds: Sequence[int] | int,
         *,
         num_inference_steps: int = 50,
-        image_shape: Sequence[int] = IMAGE_SHAPE,
+        image_shape: Sequence[int] | None = None,
         batch_size: int = 1,
     ) -> Float[Array, "batch 3 d h w"]:
         """Clean latents by DDIM (eta = 0) from per-sample seeds.
@@ -265,7 +274,8 @@ class BrainLDM:
                 [0, 1] (others are extrapolation; accepted, as upstream).
             seeds: one integer per sample (or one int for B = 1); see :func:`initial_noise`.
             num_inference_steps: DDIM steps (50 upstream).
-            image_shape: image grid ``(D, H, W)`` in voxels, multiples of :attr:`image_multiple`.
+            image_shape: image grid ``(D, H, W)`` in voxels, multiples of :attr:`image_multiple`
+                (default :attr:`image_shape`, the model's training grid).
             batch_size: samples per compiled call. 1 (default) makes every image independent of
                 the others in the call, bitwise; larger is faster on accelerators and equal up
                 to float rounding.
@@ -294,7 +304,7 @@ class BrainLDM:
         seeds: Sequence[int] | int,
         *,
         num_inference_steps: int = 50,
-        image_shape: Sequence[int] = IMAGE_SHAPE,
+        image_shape: Sequence[int] | None = None,
         batch_size: int = 1,
     ) -> Float[Array, "batch 1 D H W"]:
         """Synthetic T1w images ``(B, 1, D, H, W)`` float32, ≈ [0, 1] (not clipped, as upstream).

@@ -208,11 +208,17 @@ def save_model_bundle(
     base: BaseReference,
     *,
     provenance: Mapping[str, Any] | None = None,
+    image_shape: tuple[int, int, int] = (160, 224, 160),
 ) -> Path:
-    """Write a ``brain_ldm.1`` bundle (U-Net + scheduler, referring to ``base``) into ``folder``."""
+    """Write a ``brain_ldm.1`` bundle (U-Net + scheduler, referring to ``base``) into ``folder``.
+
+    ``image_shape`` is the model's native grid (voxels), the default for sampling.
+    """
     skeleton = eqx.filter_eval_shape(DiffusionModelUNet, config, key=jax.random.key(0))
     check_parameters(skeleton, tensors, source=str(folder))
-    bundle_config = ModelBundleConfig(config, scheduler, base, provenance=dict(provenance or {}))
+    bundle_config = ModelBundleConfig(
+        config, scheduler, base, provenance=dict(provenance or {}), image_shape=tuple(image_shape)
+    )
     return _write_bundle(Path(folder), tensors, bundle_config, model_card(bundle_config))
 
 
