@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .layers import Conv3d, GroupNorm, Volume, upsample_nearest
+from .layers import Conv3d, GroupNorm, Volume, upsample_conv
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,7 +100,8 @@ class Downsample(eqx.Module):
 
 
 class Upsample(eqx.Module):
-    """Nearest-neighbour ×2, then a 3×3×3 convolution (MONAI key ``postconv``)."""
+    """Nearest-neighbour ×2, then a 3×3×3 convolution (MONAI key ``postconv``), evaluated in
+    sub-pixel form (:func:`~brain_ldm_nodes.models.layers.upsample_conv`)."""
 
     postconv: Conv3d
 
@@ -108,7 +109,7 @@ class Upsample(eqx.Module):
         self.postconv = Conv3d(channels, channels, 3, key=key)
 
     def __call__(self, x: Volume) -> Volume:
-        return self.postconv(upsample_nearest(x))
+        return upsample_conv(x, self.postconv.weight, self.postconv.bias)
 
 
 Block = Conv3d | ResBlock | Downsample | Upsample | GroupNorm

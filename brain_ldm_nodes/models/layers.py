@@ -152,3 +152,94 @@ def avg_pool2(x: Volume) -> Volume:
     channels, depth, height, width = x.shape
     blocks = x.reshape(channels, depth // 2, 2, height // 2, 2, width // 2, 2)
     return blocks.mean(axis=(2, 4, 6))
+
+
+def subpixel_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "8*out in 2 2 2"]:
+    """Fold a 3×3×3 kernel applied after nearest ×2 upsampling into eight 2×2×2 kernels.
+
+    Along one axis, output ``2i + a`` of ``conv3(up2(x))`` reads ``up2`` at ``2i+a-1 … 2i+a+1``,
+    i.e. ``x`` at ``(i-1, i)`` with taps ``(w₀, w₁+w₂)`` for ``a = 0`` and at ``(i, i+1)`` with
+    taps ``(w₀+w₁, w₂)`` for ``a = 1``. The parity classes ``(a, b, c)`` are stacked on the
+    output axis, parity-major: exact algebra with 8·8 instead of 27·8 multiplies per voxel.
+    """
+    fold = jnp.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], weight.dtype)  # (a, tap, k)
+    kernels = jnp.einsum("apk,bql,crm,oiklm->abcoipqr", fold, fold, fold, weight, precision=PRECISION)
+    return kernels.reshape((8 * weight.shape[0], weight.shape[1], 2, 2, 2))
+
+
+def upsample_conv(x: Volume, weight: Float[Array, "out in 3 3 3"], bias: Float[Array, " out"]) -> Volume:
+    """``conv3x3x3(upsample_nearest(x))`` (zero padding 1) without materialising the upsampled
+    input: one 2×2×2 convolution with 8× the output channels, then depth-to-space.
+
+    ``(C, D, H, W) -> (out, 2D, 2H, 2W)``.
+    """
+    channels_out = weight.shape[0]
+    _, depth, height, width = x.shape
+    # Window start i-1+a in x ⇔ index i+a of x padded by one voxel on each side.
+    per_parity = lax.conv_general_dilated(
+        x[None], subpixel_weights(weight), window_strides=(1, 1, 1), padding=((1, 1),) * 3,
+        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"), precision=PRECISION,
+    )[0].reshape(2, 2, 2, channels_out, depth + 1, height + 1, width + 1)
+    shifted = jnp.stack([
+        per_parity[a, b, c, :, a:a + depth, b:b + height, c:c + width]
+        for a in (0, 1) for b in (0, 1) for c in (0, 1)
+    ]).reshape(2, 2, 2, channels_out, depth, height, width)
+    interleaved = shifted.transpose(3, 4, 0, 5, 1, 6, 2)  # (out, D, a, H, b, W, c)
+    return interleaved.reshape(channels_out, 2 * depth, 2 * height, 2 * width) + bias[:, None, None, None]
+
+
+# Winograd F(2, 3) (Lavin & Gray 2016), applied separably along each of the three axes:
+# output tile y = Aᵀ [(G g Gᵀ) ⊙ (Bᵀ d B)] A for a 4-voxel input tile d and a 3-tap filter g.
+_WINOGRAD_BT = ((1, 0, -1, 0), (0, 1, 1, 0), (0, -1, 1, 0), (0, 1, 0, -1))
+_WINOGRAD_G = ((1.0, 0.0, 0.0), (0.5, 0.5, 0.5), (0.5, -0.5, 0.5), (0.0, 0.0, 1.0))
+_WINOGRAD_AT = ((1, 1, 1, 0), (0, 1, -1, -1))
+
+
+def winograd_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "64 in out"]:
+    """``G g Gᵀ`` along each axis: ``(O, I, 3, 3, 3) -> (4·4·4, I, O)``."""
+    g = jnp.asarray(_WINOGRAD_G, weight.dtype)
+    transformed = jnp.einsum("pk,ql,rm,oiklm->pqrio", g, g, g, weight, precision=PRECISION)
+    return transformed.reshape(64, weight.shape[1], weight.shape[0])
+
+
+def _input_transform(x: Array, axis: int, tiles: int) -> Array:
+    """Bᵀ d along ``axis`` for every 4-voxel tile with stride 2: new leading axis of size 4."""
+    taps = [lax.slice_in_dim(x, k, k + 2 * tiles - 1, stride=2, axis=axis) for k in range(4)]
+    return jnp.stack([
+        sum(coef * tap for coef, tap in zip(row, taps) if coef) for row in _WINOGRAD_BT
+    ])
+
+
+def _output_transform(m: Array, axis: int) -> Array:
+    """Aᵀ m along ``axis`` (size 4) → the 2 outputs, interleaved after ``axis + 1``."""
+    parts = [lax.index_in_dim(m, k, axis=axis, keepdims=False) for k in range(4)]
+    outputs = [sum(coef * part for coef, part in zip(row, parts) if coef) for row in _WINOGRAD_AT]
+    return jnp.stack(outputs, axis=axis)
+
+
+def conv3x3x3_winograd(
+    x: Volume, weight_winograd: Float[Array, "64 in out"], bias: Float[Array, " out"]
+) -> Volume:
+    """3×3×3 convolution, stride 1, zero padding 1, by Winograd F(2×2×2, 3×3×3).
+
+    ``x``: ``(I, D, H, W)``; ``weight_winograd``: :func:`winograd_weights` of the kernel.
+    64 multiplies per 8 outputs instead of 216 (3.4× fewer); float32 error ≈ 1e-7 relative.
+    """
+    channels_in, depth, height, width = x.shape
+    tiles = [(size + 1) // 2 for size in (depth, height, width)]
+    padded = jnp.pad(x, [(0, 0)] + [(1, 2 * t + 2 - size - 1) for t, size in zip(tiles, (depth, height, width))])
+    v = padded
+    for axis in (1, 2, 3):  # axis index grows by one after each transform (new leading axis)
+        v = _input_transform(v, axis + (axis - 1), tiles[axis - 1])
+    # v: (4, 4, 4, I, tD, tH, tW) with the transform axes in order (w, h, d)
+    v = v.transpose(2, 1, 0, 3, 4, 5, 6).reshape(64, channels_in, -1)
+    m = jnp.einsum("pit,pio->pot", v, weight_winograd, precision=PRECISION)
+    channels_out = weight_winograd.shape[2]
+    m = m.reshape(4, 4, 4, channels_out, *tiles)
+    y = m
+    for axis in (0, 1, 2):
+        y = _output_transform(y, 0)  # consume the leading transform axis → (2, ...)
+        y = jnp.moveaxis(y, 0, -1)  # park the 2 outputs at the end: (..., a) then (..., a, b)...
+    # y: (O, tD, tH, tW, 2d, 2h, 2w)
+    y = y.transpose(0, 1, 4, 2, 5, 3, 6).reshape(channels_out, 2 * tiles[0], 2 * tiles[1], 2 * tiles[2])
+    return y[:, :depth, :height, :width] + bias[:, None, None, None]

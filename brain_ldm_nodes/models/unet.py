@@ -17,7 +17,17 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .layers import PRECISION, Conv3d, GroupNorm, LayerNorm, Linear, Volume, avg_pool2, upsample_nearest
+from .layers import (
+    PRECISION,
+    Conv3d,
+    GroupNorm,
+    LayerNorm,
+    Linear,
+    Volume,
+    avg_pool2,
+    upsample_conv,
+    upsample_nearest,
+)
 
 Tokens = Float[Array, "tokens channels"]
 
@@ -129,11 +139,13 @@ class ResnetBlock(eqx.Module):
 
     def __call__(self, x: Volume, emb: Float[Array, " time_embed_dim"]) -> Volume:
         h = jax.nn.silu(self.norm1(x))
-        if self.resample == "up":
-            x, h = upsample_nearest(x), upsample_nearest(h)
+        if self.resample == "up":  # conv1(up(h)) in sub-pixel form: exact, 3.4× fewer multiplies
+            x, h = upsample_nearest(x), upsample_conv(h, self.conv1.weight, self.conv1.bias)
         elif self.resample == "down":
-            x, h = avg_pool2(x), avg_pool2(h)
-        h = self.conv1(h) + self.time_emb_proj(jax.nn.silu(emb))[:, None, None, None]
+            x, h = avg_pool2(x), self.conv1(avg_pool2(h))
+        else:
+            h = self.conv1(h)
+        h = h + self.time_emb_proj(jax.nn.silu(emb))[:, None, None, None]
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         return (x if self.skip_connection is None else self.skip_connection(x)) + h
 
@@ -159,7 +171,7 @@ class ConvUpsample(eqx.Module):
         self.postconv = Conv3d(channels, channels, 3, key=key)
 
     def __call__(self, x: Volume, emb: Array) -> Volume:
-        return self.postconv(upsample_nearest(x))
+        return upsample_conv(x, self.postconv.weight, self.postconv.bias)
 
 
 class Attention(eqx.Module):
