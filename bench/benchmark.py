@@ -1,0 +1,252 @@
+#!/usr/bin/env python
+"""Side-by-side benchmark: brain-ldm-nodes (JAX) vs MONAI 1.6.1 (PyTorch), same CPU, same weights.
+
+    python bench/benchmark.py --workdir /tmp/brain-ldm-bench --repeats 3
+
+Builds upstream-format checkpoints once (MONAI networks at the released architecture with
+random weights, ``torch.save`` with the old key names), converts them with ``brain-ldm-convert``
+and loads the same weights into both implementations. Every figure runs in its own fresh
+process so that its peak RSS is its own; each reports min/median over ``--repeats``. Results
+go to ``bench/results/benchmark.{json,md}`` (or ``--out``).
+
+Figures: U-Net step at the 20×28×20 latent, VAE decode to 160×224×160, a full sample
+(``--steps`` DDIM steps + decode), first-call compile time with and without JAX's persistent
+compilation cache, and ``from_pretrained`` from a warm cache. Needs the ``[test]`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+LATENT = (1, 3, 20, 28, 20)
+
+
+def _peak_rss_gib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def _timed(function, repeats: int) -> dict:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return {"min_s": min(times), "median_s": statistics.median(times), "runs_s": times}
+
+
+# -- workers: one figure, one implementation, one process ------------------------------------------
+def worker(impl: str, figure: str, workdir: Path, repeats: int, steps: int) -> dict:
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    latent = rng.standard_normal(LATENT, dtype=np.float32)
+    conditioning = np.array([[1.0, 0.7, 0.7, 0.5]], np.float32)
+    if impl == "monai":
+        return _monai_worker(figure, workdir, repeats, steps, latent, conditioning)
+    return _jax_worker(figure, workdir, repeats, steps, latent, conditioning)
+
+
+def _monai_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
+    import torch
+    from monai.networks.nets import AutoencoderKL, DiffusionModelUNet
+    from monai.networks.schedulers import DDIMScheduler
+
+    torch.set_grad_enabled(False)
+    result: dict = {"threads": torch.get_num_threads()}
+    vae = unet = None
+    if figure in ("decode", "sample"):
+        vae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(64, 128, 128, 128),
+                            latent_channels=3, num_res_blocks=2, attention_levels=(False,) * 4,
+                            with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False).eval()
+        vae.load_old_state_dict(torch.load(workdir / "upstream" / "autoencoder.pt", weights_only=True))
+    if figure in ("unet", "sample"):
+        unet = DiffusionModelUNet(spatial_dims=3, in_channels=7, out_channels=3, channels=(256, 512, 768),
+                                  num_res_blocks=2, attention_levels=(False, True, True),
+                                  num_head_channels=(0, 512, 768), resblock_updown=True,
+                                  with_conditioning=True, cross_attention_dim=4, upcast_attention=True).eval()
+        unet.load_old_state_dict(torch.load(workdir / "upstream" / "model.pt", weights_only=True))
+    cond = torch.from_numpy(conditioning)
+    z = torch.from_numpy(latent)
+
+    def unet_step():
+        x = torch.cat([z, cond[:, :, None, None, None].expand(-1, -1, *z.shape[2:])], dim=1)
+        return unet(x, torch.tensor([500]), context=cond[:, None, :])
+
+    def sample():
+        scheduler = DDIMScheduler(num_train_timesteps=1000, schedule="scaled_linear_beta", beta_start=0.0015,
+                                  beta_end=0.0205, clip_sample=False)
+        ratio = 1000 // steps
+        scheduler.num_inference_steps = steps
+        scheduler.timesteps = torch.arange(steps - 1, -1, -1) * ratio
+        latents = z.clone()
+        for t in scheduler.timesteps:
+            x = torch.cat([latents, cond[:, :, None, None, None].expand(-1, -1, *z.shape[2:])], dim=1)
+            eps = unet(x, torch.tensor([int(t)]), context=cond[:, None, :])
+            latents, _ = scheduler.step(eps, int(t), latents)
+        return vae.decode(latents)
+
+    function = {"unet": unet_step, "decode": lambda: vae.decode(z), "sample": sample}[figure]
+    result.update(_timed(function, repeats))
+    result["peak_rss_gib"] = _peak_rss_gib()
+    return result
+
+
+def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    if figure == "compile_cached":
+        jax.config.update("jax_compilation_cache_dir", str(workdir / "jax-cache"))
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    from brain_ldm_nodes import BrainLDM
+    from brain_ldm_nodes.pipeline import _decode, _denoise
+    from brain_ldm_nodes.scheduler import ddim_tables
+
+    result: dict = {"jax": jax.__version__, "devices": str(jax.devices())}
+    start = time.perf_counter()
+    model = BrainLDM.from_pretrained(workdir / "converted" / "brain_ldm.1")
+    jax.block_until_ready(jax.tree_util.tree_leaves(model.unet))
+    result["load_s"] = time.perf_counter() - start
+    z = jnp.asarray(latent)
+    cond = jnp.asarray(conditioning)
+    if figure == "load":
+        result.update(_timed(lambda: jax.block_until_ready(jax.tree_util.tree_leaves(
+            BrainLDM.from_pretrained(workdir / "converted" / "brain_ldm.1").unet)), repeats))
+    elif figure in ("unet", "compile", "compile_cached"):
+        import equinox as eqx
+
+        @eqx.filter_jit
+        def step(unet, z, cond):
+            x = jnp.concatenate([z, jnp.broadcast_to(cond[:, :, None, None, None], (1, 4, *z.shape[2:]))], axis=1)
+            return jax.vmap(unet)(x, jnp.array([500]), cond[:, None, :])
+
+        start = time.perf_counter()
+        step(model.unet, z, cond).block_until_ready()
+        result["first_call_s"] = time.perf_counter() - start
+        if figure == "unet":
+            result.update(_timed(lambda: step(model.unet, z, cond).block_until_ready(), repeats))
+    elif figure == "decode":
+        _decode(model.vae, z).block_until_ready()
+        result.update(_timed(lambda: _decode(model.vae, z).block_until_ready(), repeats))
+    elif figure == "sample":
+        tables = ddim_tables(model.scheduler, steps)
+
+        def sample():
+            return _decode(model.vae, _denoise(model.unet, tables, cond, z)).block_until_ready()
+
+        sample()
+        result.update(_timed(sample, repeats))
+    result["peak_rss_gib"] = _peak_rss_gib()
+    return result
+
+
+# -- driver ----------------------------------------------------------------------------------------
+def prepare(workdir: Path) -> None:
+    """Write upstream-format checkpoints and their converted bundles once."""
+    if (workdir / "converted" / "brain_ldm.1" / "config.json").is_file():
+        return
+    sys.path.insert(0, str(HERE.parent / "tests"))
+    from monai_oracle import monai_autoencoder, monai_unet  # noqa: E402
+    from upstream_fixtures import to_old_monai_names  # noqa: E402
+    import torch
+
+    from brain_ldm_nodes import AutoencoderKLConfig, DiffusionModelUNetConfig
+
+    (workdir / "upstream").mkdir(parents=True, exist_ok=True)
+    torch.save(to_old_monai_names(monai_autoencoder(AutoencoderKLConfig(), seed=0).state_dict()),
+               workdir / "upstream" / "autoencoder.pt")
+    torch.save(to_old_monai_names(monai_unet(DiffusionModelUNetConfig(), seed=1).state_dict()),
+               workdir / "upstream" / "model.pt")
+    subprocess.run(["brain-ldm-convert", "--autoencoder", str(workdir / "upstream" / "autoencoder.pt"),
+                    "--unet", str(workdir / "upstream" / "model.pt"), "-o", str(workdir / "converted")],
+                   check=True)
+
+
+def run_worker(impl: str, figure: str, args: argparse.Namespace) -> dict:
+    command = [sys.executable, __file__, "--worker", impl, figure, "--workdir", str(args.workdir),
+               "--repeats", str(args.repeats), "--steps", str(args.steps)]
+    print(f"[bench] {impl:5s} {figure} …", flush=True)
+    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    return json.loads(output.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "brain-ldm-bench")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the full-sample figure")
+    parser.add_argument("--figures", default="unet,decode,sample,compile,load",
+                        help="comma-separated subset of unet,decode,sample,compile,load")
+    parser.add_argument("--out", type=Path, default=HERE / "results" / "benchmark")
+    parser.add_argument("--worker", nargs=2, metavar=("IMPL", "FIGURE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker, args.workdir, args.repeats, args.steps)))
+        return
+
+    prepare(args.workdir)
+    figures = args.figures.split(",")
+    results: dict = {"machine": {"cpus": os.cpu_count(), "processor": platform.processor(),
+                                 "python": platform.python_version()},
+                     "steps": args.steps, "repeats": args.repeats, "figures": {}}
+    for figure in ("unet", "decode", "sample"):
+        if figure in figures:
+            ours, theirs = run_worker("jax", figure, args), run_worker("monai", figure, args)
+            results["figures"][figure] = {"jax": ours, "monai": theirs,
+                                          "ratio_median": ours["median_s"] / theirs["median_s"],
+                                          "ratio_peak_rss": ours["peak_rss_gib"] / theirs["peak_rss_gib"]}
+    if "compile" in figures:
+        cache = args.workdir / "jax-cache"
+        if cache.exists():
+            import shutil
+
+            shutil.rmtree(cache)
+        results["figures"]["compile"] = {
+            "no_cache_first_call_s": run_worker("jax", "compile", args)["first_call_s"],
+            "cache_cold_first_call_s": run_worker("jax", "compile_cached", args)["first_call_s"],
+            "cache_warm_first_call_s": run_worker("jax", "compile_cached", args)["first_call_s"],
+        }
+    if "load" in figures:
+        results["figures"]["load"] = run_worker("jax", "load", args)
+
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(results, indent=2))
+    args.out.with_suffix(".md").write_text(markdown(results))
+    print(markdown(results))
+
+
+def markdown(results: dict) -> str:
+    rows = ["| figure | ours (min / median) | MONAI (min / median) | ratio (median) | peak RSS ours / MONAI |",
+            "|---|---|---|---|---|"]
+    for name, label in (("unet", "U-Net step, 20×28×20 latent"), ("decode", "VAE decode → 160×224×160"),
+                        ("sample", f"full sample ({results['steps']} steps + decode)")):
+        figure = results["figures"].get(name)
+        if figure:
+            ours, theirs = figure["jax"], figure["monai"]
+            rows.append(f"| {label} | {ours['min_s']:.1f} / {ours['median_s']:.1f} s | "
+                        f"{theirs['min_s']:.1f} / {theirs['median_s']:.1f} s | {figure['ratio_median']:.2f} | "
+                        f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} GiB |")
+    compile_ = results["figures"].get("compile")
+    if compile_:
+        rows.append(f"| first call (compile + run), no cache / cold cache / warm cache | "
+                    f"{compile_['no_cache_first_call_s']:.1f} / {compile_['cache_cold_first_call_s']:.1f} / "
+                    f"{compile_['cache_warm_first_call_s']:.1f} s | | | |")
+    load = results["figures"].get("load")
+    if load:
+        rows.append(f"| `from_pretrained`, warm cache | {load['min_s']:.1f} / {load['median_s']:.1f} s | | | |")
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    main()
