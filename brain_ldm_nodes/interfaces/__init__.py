@@ -1,0 +1,12 @@
+"""Nipype interfaces: thin wrappers that read inputs, call the library and write files.
+
+Every interface gets its model from :func:`brain_ldm_nodes.model_cache.get_model`, so a
+process loads a bundle once however many nodes use it. Importing this subpackage imports
+Nipype (the top-level package does not).
+"""
+
+from .autoencoder import VAEDecode, VAEEncode
+from .conditioning import NormaliseDemographics
+from .sampling import SampleT1w
+
+__all__ = ["NormaliseDemographics", "SampleT1w", "VAEDecode", "VAEEncode"]

@@ -1,0 +1,82 @@
+"""T1w → latent → reconstructed T1w."""
+
+from __future__ import annotations
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces import VAEDecode, VAEEncode
+from .synthesis import FULL_SIZE_MEM_GB
+
+
+def init_encode_decode_wf(
+    *,
+    model: str,
+    revision: str | None = None,
+    conform: bool = True,
+    mem_gb: float = FULL_SIZE_MEM_GB,
+    name: str = "encode_decode_wf",
+):
+    """Encode a T1w image to the Brain LDM latent and decode it back (a reconstruction).
+
+    Workflow graph::
+
+        inputnode → vae_encode (conform + encode) → vae_decode → outputnode
+
+    Parameters
+    ----------
+    model
+        ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id.
+    revision
+        Hub branch, tag or commit of ``model`` (ignored for folders).
+    conform
+        Rigidly conform the input onto the model grid first (reorient to LAS, 1 mm, centre
+        crop/pad, min-max scale; not registration to MNI). ``False``: the input must already
+        be LAS, 1 mm, sizes multiples of 8, intensities ~[0, 1].
+    mem_gb
+        Memory one encode or decode node needs, for MultiProc scheduling (GB).
+    name
+        Workflow name.
+
+    Inputs
+    ------
+    t1w
+        T1-weighted NIfTI.
+
+    Outputs
+    -------
+    reconstruction
+        Decoded T1w NIfTI (float32, 1 mm LAS, centred) and ``reconstruction_sidecar``, its JSON.
+    latent
+        Deterministic latent z_mu (4-D NIfTI, channels last), and ``latent_sigma``, z_sigma.
+    conformed
+        The conformed input (only when ``conform=True``).
+    report
+        JSON of how the input was prepared (the conform record) and the model used.
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
+    out_fields = ["reconstruction", "reconstruction_sidecar", "latent", "latent_sigma", "report"]
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=out_fields + (["conformed"] if conform else [])),
+        name="outputnode",
+    )
+    encode = pe.Node(VAEEncode(model=str(model), conform=conform), name="vae_encode", mem_gb=mem_gb)
+    decode = pe.Node(VAEDecode(model=str(model)), name="vae_decode", mem_gb=mem_gb)
+    if revision is not None:
+        encode.inputs.revision = decode.inputs.revision = revision
+
+    # fmt: off
+    workflow.connect([
+        (inputnode, encode, [("t1w", "in_file")]),
+        (encode, decode, [("out_latent", "in_latent")]),
+        (encode, outputnode, [("out_latent", "latent"),
+                              ("out_sigma", "latent_sigma"),
+                              ("out_report", "report")]),
+        (decode, outputnode, [("out_file", "reconstruction"),
+                              ("out_sidecar", "reconstruction_sidecar")]),
+    ])
+    if conform:
+        workflow.connect([(encode, outputnode, [("out_conformed", "conformed")])])
+    # fmt: on
+    return workflow

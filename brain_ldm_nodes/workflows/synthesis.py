@@ -1,0 +1,124 @@
+"""Demographics → synthetic T1w."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from nipype.interfaces import utility as niu
+from nipype.pipeline import engine as pe
+
+from ..interfaces import NormaliseDemographics, SampleT1w
+
+#: Peak memory (GB) of one full-size (160 x 224 x 160) sample on CPU (UPSTREAM.md §7: ~10.5 GB).
+FULL_SIZE_MEM_GB = 12.0
+
+
+def init_synthesis_wf(
+    *,
+    model: str,
+    revision: str | None = None,
+    num_inference_steps: int = 50,
+    image_shape: Sequence[int] | None = None,
+    out_of_range: str | None = None,
+    mem_gb: float = FULL_SIZE_MEM_GB,
+    name: str = "synthesis_wf",
+):
+    """Synthesise one T1w image from one participant's demographics and a seed.
+
+    Workflow graph::
+
+        inputnode → normalise_demographics → sample_t1w → outputnode
+
+    Iterate over participants and seeds with ``iterables`` on the inputnode (or on a node
+    feeding it), e.g. one image per seed::
+
+        wf.get_node("inputnode").iterables = [("seed", [1, 2, 3])]
+
+    and several participants in lockstep (``synchronize``) from a separate source node;
+    ``workflows/synthesise_cohort.py`` shows both.
+
+    Parameters
+    ----------
+    model
+        ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id.
+    revision
+        Hub branch, tag or commit of ``model`` (ignored for folders).
+    num_inference_steps
+        DDIM steps (50 upstream).
+    image_shape
+        Output grid ``(D, H, W)`` in 1 mm voxels, multiples of 32 for the released model;
+        ``None``: the model's native grid (160, 224, 160).
+    out_of_range
+        ``"error"``, ``"clip"`` or ``"allow"`` for normalised values outside [0, 1];
+        ``None``: the policy's choice (``"error"`` by default).
+    mem_gb
+        Memory one sampling node needs, for MultiProc scheduling (GB); about 12 at the
+        full grid on CPU, far less for small test models.
+    name
+        Workflow name.
+
+    Inputs
+    ------
+    sex
+        Sex code ('F'/'M', 'female'/'male', or numeric with a policy's sex_codes).
+    age
+        Age in years (number, '35-40' or '89+').
+    ventricular_volume, brain_volume
+        mm^3 (needs reference ranges in the policy; approximate mapping) or already in [0, 1].
+    seed
+        Integer seed of the starting noise, 0 to 2**32 - 1.
+    policy_file
+        Optional DemographicsPolicy JSON.
+
+    Outputs
+    -------
+    t1w
+        Synthetic T1w NIfTI (float32, 1 mm LAS, centred).
+    sidecar
+        Its JSON sidecar (conditioning and derivation, seed, model, versions, grid).
+    conditioning
+        The 4 normalised values [sex, age, ventricular_volume, brain_volume].
+    conditioning_file
+        The conditioning JSON (values, order, derivation record, policy).
+    """
+    workflow = pe.Workflow(name=name)
+    inputnode = pe.Node(
+        niu.IdentityInterface(
+            fields=["sex", "age", "ventricular_volume", "brain_volume", "seed", "policy_file"],
+            mandatory_inputs=False,  # policy_file is optional; the interfaces check the rest
+        ),
+        name="inputnode",
+    )
+    outputnode = pe.Node(
+        niu.IdentityInterface(fields=["t1w", "sidecar", "conditioning", "conditioning_file"]),
+        name="outputnode",
+    )
+    normalise = pe.Node(NormaliseDemographics(), name="normalise_demographics")
+    if out_of_range is not None:
+        normalise.inputs.out_of_range = out_of_range
+    sample = pe.Node(
+        SampleT1w(model=str(model), num_inference_steps=num_inference_steps),
+        name="sample_t1w",
+        mem_gb=mem_gb,
+    )
+    if revision is not None:
+        sample.inputs.revision = revision
+    if image_shape is not None:
+        sample.inputs.image_shape = tuple(int(size) for size in image_shape)
+
+    # fmt: off
+    workflow.connect([
+        (inputnode, normalise, [("sex", "sex"),
+                                ("age", "age"),
+                                ("ventricular_volume", "ventricular_volume"),
+                                ("brain_volume", "brain_volume"),
+                                ("policy_file", "policy_file")]),
+        (inputnode, sample, [("seed", "seed")]),
+        (normalise, sample, [("out_file", "conditioning_file")]),
+        (normalise, outputnode, [("conditioning", "conditioning"),
+                                 ("out_file", "conditioning_file")]),
+        (sample, outputnode, [("out_file", "t1w"),
+                              ("out_sidecar", "sidecar")]),
+    ])
+    # fmt: on
+    return workflow
