@@ -138,3 +138,18 @@ def ddim_step(
     """
     x0 = (sample - jnp.sqrt(1 - alpha_prod) * eps) / jnp.sqrt(alpha_prod)
     return jnp.sqrt(alpha_prod_prev) * x0 + jnp.sqrt(1 - alpha_prod_prev) * eps
+
+
+def ddim_inverse_step(
+    eps: Float[Array, "*shape"],
+    alpha_prod: Float[Array, ""],
+    alpha_prod_prev: Float[Array, ""],
+    sample_prev: Float[Array, "*shape"],
+) -> Float[Array, "*shape"]:
+    """The algebraic inverse of :func:`ddim_step` for a given ε: x_{t_prev} → x_t.
+
+    ``x0 = (x_prev − sqrt(1−ᾱ_prev)·ε) / sqrt(ᾱ_prev)``;  ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε``.
+    DDIM inversion evaluates ε at (x_prev, t) instead of the unknown (x_t, t): the only
+    approximation, which shrinks as steps get smaller.
+    """
+    return ddim_step(eps, alpha_prod_prev, alpha_prod, sample_prev)

@@ -122,3 +122,9 @@ def test_encode_decode_shapes_and_errors(model):
         model.encode(images[0])
     with pytest.raises(ValueError, match=r"latents must be \(batch, 3, d, h, w\)"):
         model.decode(np.zeros((1, 4, 2, 2, 2)))
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32, 2**40, 1.5, True])
+def test_seed_outside_32_bits_is_refused_not_wrapped(seed):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^32\)"):
+        initial_noise(seed, (3, 4, 4, 4))
