@@ -110,7 +110,7 @@ def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax-cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     from brain_ldm_nodes import BrainLDM
-    from brain_ldm_nodes.pipeline import _decode, _denoise
+    from brain_ldm_nodes.pipeline import _ddim_loop, _decode
     from brain_ldm_nodes.scheduler import ddim_tables
 
     result: dict = {"jax": jax.__version__, "devices": str(jax.devices())}
@@ -143,7 +143,7 @@ def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
         tables = ddim_tables(model.scheduler, steps)
 
         def sample():
-            return _decode(model.vae, _denoise(model.unet, tables, cond, z)).block_until_ready()
+            return _decode(model.vae, _ddim_loop(model.unet, tables, cond, z)).block_until_ready()
 
         sample()
         result.update(_timed(sample, repeats))

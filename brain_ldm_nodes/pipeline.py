@@ -55,37 +55,18 @@ def _model_input(latent: Array, conditioning: Array) -> Array:
 
 
 @eqx.filter_jit
-def _denoise(
-    unet: DiffusionModelUNet,
-    tables: DDIMTables,
-    conditioning: Float[Array, "batch cond"],
-    noise: Float[Array, "batch latent d h w"],
-) -> Float[Array, "batch latent d h w"]:
-    """The DDIM loop (one compiled ``lax.scan``) from ``noise`` to a clean latent, per example."""
-
-    def predict_noise(latent: Array, timestep: Array, cond: Array) -> Array:
-        return unet(_model_input(latent, cond), timestep, cond[None, :])
-
-    def step(latents: Array, per_step: tuple[Array, Array, Array]) -> tuple[Array, None]:
-        timestep, alpha_prod, alpha_prod_prev = per_step
-        eps = jax.vmap(predict_noise, in_axes=(0, None, 0))(latents, timestep, conditioning)
-        return ddim_step(eps, alpha_prod, alpha_prod_prev, latents), None
-
-    latents, _ = lax.scan(step, noise, (tables.timesteps, tables.alpha_prod, tables.alpha_prod_prev))
-    return latents
-
-
-@eqx.filter_jit
-def _invert(
+def _ddim_loop(
     unet: DiffusionModelUNet,
     tables: DDIMTables,
     conditioning: Float[Array, "batch cond"],
     latents: Float[Array, "batch latent d h w"],
+    invert: bool = False,
 ) -> Float[Array, "batch latent d h w"]:
-    """DDIM inversion (one compiled ``lax.scan``): clean latents → the noise that regenerates them.
+    """The DDIM loop as one compiled ``lax.scan``, per example.
 
-    Walks the sampler's table backwards: for t = 0, 20, …, 980 (50 steps), ε = unet(x, t) on the
-    current, less noisy x, then :func:`ddim_inverse_step`.
+    Sampling (``invert=False``): noise → clean latent, t = 980, 960, …, 0 (50 steps).
+    Inversion (``invert=True``): the same table backwards, clean latent → noise, with ε
+    evaluated on the current, less noisy latent and :func:`ddim_inverse_step`.
     """
 
     def predict_noise(latent: Array, timestep: Array, cond: Array) -> Array:
@@ -94,16 +75,22 @@ def _invert(
     def step(latents: Array, per_step: tuple[Array, Array, Array]) -> tuple[Array, None]:
         timestep, alpha_prod, alpha_prod_prev = per_step
         eps = jax.vmap(predict_noise, in_axes=(0, None, 0))(latents, timestep, conditioning)
-        return ddim_inverse_step(eps, alpha_prod, alpha_prod_prev, latents), None
+        update = ddim_inverse_step if invert else ddim_step
+        return update(eps, alpha_prod, alpha_prod_prev, latents), None
 
-    reversed_tables = (tables.timesteps[::-1], tables.alpha_prod[::-1], tables.alpha_prod_prev[::-1])
-    noise, _ = lax.scan(step, latents, reversed_tables)
-    return noise
+    per_step = (tables.timesteps, tables.alpha_prod, tables.alpha_prod_prev)
+    if invert:
+        per_step = tuple(column[::-1] for column in per_step)
+    latents, _ = lax.scan(step, latents, per_step)
+    return latents
 
 
 @eqx.filter_jit
-def _decode(vae: AutoencoderKL, latents: Array) -> Array:
-    """Decode with the full-resolution stage in slabs (exact; ≈ 3 GB instead of ≈ 10 GB)."""
+def _decode(vae: AutoencoderKL, latents: Array, low_memory: bool = False) -> Array:
+    """Decode; ``low_memory`` evaluates the full-resolution stage in slabs (exact; ≈ 3.2 GiB
+    instead of ≈ 10 GiB peak at 160×224×160, but ≈ 2× slower on CPU)."""
+    if not low_memory:
+        return jax.vmap(vae.decode)(latents)
     depth = latents.shape[2] * vae.config.downsampling_factor
     slab = math.gcd(depth, 8)
     return jax.vmap(lambda latent: decode_streaming(vae, latent, slab=slab))(latents)
@@ -356,7 +343,7 @@ class BrainLDM:
             raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
         tables = ddim_tables(self.scheduler, num_inference_steps)
         return jnp.concatenate([
-            _denoise(self.unet, tables, cond[start:start + batch_size], noise[start:start + batch_size])
+            _ddim_loop(self.unet, tables, cond[start:start + batch_size], noise[start:start + batch_size])
             for start in range(0, cond.shape[0], batch_size)
         ])
 
@@ -374,7 +361,8 @@ class BrainLDM:
         latents = self._check_latents(latents, cond.shape[0])
         tables = ddim_tables(self.scheduler, num_inference_steps)
         return jnp.concatenate([
-            _invert(self.unet, tables, cond[i:i + 1], latents[i:i + 1]) for i in range(cond.shape[0])
+            _ddim_loop(self.unet, tables, cond[i:i + 1], latents[i:i + 1], True)
+            for i in range(cond.shape[0])
         ])
 
     def counterfactual(
@@ -427,16 +415,18 @@ class BrainLDM:
         num_inference_steps: int = 50,
         image_shape: Sequence[int] | None = None,
         batch_size: int = 1,
+        low_memory: bool = False,
     ) -> Float[Array, "batch 1 D H W"]:
         """Synthetic T1w images ``(B, 1, D, H, W)`` float32, ≈ [0, 1] (not clipped, as upstream).
 
-        Arguments as :meth:`sample_latents`; the latents are decoded one sample at a time.
+        Arguments as :meth:`sample_latents`; the latents are decoded one sample at a time
+        (``low_memory``: see :meth:`decode`).
         """
         latents = self.sample_latents(
             conditioning, seeds, num_inference_steps=num_inference_steps,
             image_shape=image_shape, batch_size=batch_size,
         )
-        return self.decode(latents)
+        return self.decode(latents, low_memory=low_memory)
 
     # -- autoencoder -------------------------------------------------------------------------
     def encode(
@@ -457,15 +447,24 @@ class BrainLDM:
         pairs = [_encode(self.vae, images[i:i + 1]) for i in range(images.shape[0])]
         return jnp.concatenate([p[0] for p in pairs]), jnp.concatenate([p[1] for p in pairs])
 
-    def decode(self, latents: Float[Array, "batch 3 d h w"] | np.ndarray) -> Float[Array, "batch 1 D H W"]:
-        """Images ``(B, 1, 8d, 8h, 8w)`` from latents ``(B, 3, d, h, w)``, one sample at a time."""
+    def decode(
+        self, latents: Float[Array, "batch 3 d h w"] | np.ndarray, *, low_memory: bool = False
+    ) -> Float[Array, "batch 1 D H W"]:
+        """Images ``(B, 1, 8d, 8h, 8w)`` from latents ``(B, 3, d, h, w)``, one sample at a time.
+
+        ``low_memory=True`` evaluates the decoder's full-resolution stage slab by slab with exact
+        GroupNorm statistics (:mod:`brain_ldm_nodes.models.streaming`): peak ≈ 3.2 GiB instead of
+        ≈ 10 GiB at 160×224×160, equal up to float rounding, ≈ 2× slower on CPU.
+        """
         latents = jnp.asarray(latents, jnp.float32)
         if latents.ndim != 5 or latents.shape[1] != self.vae.config.latent_channels:
             raise ValueError(
                 f"latents must be (batch, {self.vae.config.latent_channels}, d, h, w), "
                 f"got {tuple(latents.shape)}"
             )
-        return jnp.concatenate([_decode(self.vae, latents[i:i + 1]) for i in range(latents.shape[0])])
+        return jnp.concatenate([
+            _decode(self.vae, latents[i:i + 1], low_memory) for i in range(latents.shape[0])
+        ])
 
 
 __all__ = ["BrainLDM", "CONDITIONING_ORDER", "Counterfactual", "IMAGE_SHAPE", "initial_noise"]

@@ -128,3 +128,10 @@ def test_encode_decode_shapes_and_errors(model):
 def test_seed_outside_32_bits_is_refused_not_wrapped(seed):
     with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 2\^32\)"):
         initial_noise(seed, (3, 4, 4, 4))
+
+
+def test_low_memory_decode_equals_default_decode(model):
+    latents = np.random.default_rng(4).standard_normal((2, 3, 8, 12, 4), dtype=np.float32)
+    default = np.asarray(model.decode(latents))
+    low_memory = np.asarray(model.decode(latents, low_memory=True))
+    np.testing.assert_allclose(low_memory, default, rtol=0, atol=1e-5 * np.abs(default).max())
