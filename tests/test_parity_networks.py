@@ -232,3 +232,13 @@ def test_subpixel_upsample_conv_equals_upsample_then_conv():
     conv = Conv3d(16, 8, 3, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (16, 5, 6, 3))
     assert relative_error(upsample_conv(x, conv.weight, conv.bias), conv(upsample_nearest(x))) <= 1e-6
+
+
+@pytest.mark.parametrize("shape", [(6, 8, 4), (5, 7, 3)])
+def test_winograd_convolution_equals_direct_convolution(shape):
+    """Winograd F(2,3) (a performance lead, not wired into the networks yet) is exact to ~1e-7."""
+    from brain_ldm_nodes.models.layers import Conv3d, conv3x3x3_winograd, winograd_weights
+
+    conv = Conv3d(16, 8, 3, key=jax.random.key(0))
+    x = jax.random.normal(jax.random.key(1), (16, *shape))
+    assert relative_error(conv3x3x3_winograd(x, winograd_weights(conv.weight), conv.bias), conv(x)) <= 1e-6
