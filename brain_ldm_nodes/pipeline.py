@@ -87,8 +87,8 @@ def _ddim_loop(
 
 @eqx.filter_jit
 def _decode(vae: AutoencoderKL, latents: Array, low_memory: bool = False) -> Array:
-    """Decode; ``low_memory`` evaluates the full-resolution stage in slabs (exact; ≈ 3.2 GiB
-    instead of ≈ 10 GiB peak at 160×224×160, but ≈ 2× slower on CPU)."""
+    """Decode; ``low_memory`` evaluates the full-resolution stage in slabs (exact; ≈ 3.7 GiB
+    instead of ≈ 10 GiB peak at 160×224×160, but currently much slower on CPU)."""
     if not low_memory:
         return jax.vmap(vae.decode)(latents)
     depth = latents.shape[2] * vae.config.downsampling_factor
@@ -453,8 +453,9 @@ class BrainLDM:
         """Images ``(B, 1, 8d, 8h, 8w)`` from latents ``(B, 3, d, h, w)``, one sample at a time.
 
         ``low_memory=True`` evaluates the decoder's full-resolution stage slab by slab with exact
-        GroupNorm statistics (:mod:`brain_ldm_nodes.models.streaming`): peak ≈ 3.2 GiB instead of
-        ≈ 10 GiB at 160×224×160, equal up to float rounding, ≈ 2× slower on CPU.
+        GroupNorm statistics (:mod:`brain_ldm_nodes.models.streaming`): peak ≈ 3.7 GiB instead of
+        ≈ 10 GiB at 160×224×160, equal up to float rounding, but currently several times slower
+        on CPU (XLA runs convolutions inside loops slowly); for memory-bound machines.
         """
         latents = jnp.asarray(latents, jnp.float32)
         if latents.ndim != 5 or latents.shape[1] != self.vae.config.latent_channels:

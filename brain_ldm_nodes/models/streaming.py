@@ -7,8 +7,8 @@ buffer: GroupNorm statistics are accumulated over slabs (Chan's parallel mean/va
 in a pass before they are applied, and halos are recomputed, so the result equals the
 in-memory decoder up to float32 rounding. Memory ≈ one full-resolution buffer + a few slabs.
 
-Each pass is a Python loop over slabs, unrolled into one XLA program; the buffer is updated
-in place (``dynamic_update_slice``), with the original rows a later slab still needs kept aside.
+Each pass is a ``lax.fori_loop``; the buffer is updated in place (``dynamic_update_slice`` on a
+loop carry), with the original rows a later slab still needs saved in the carry.
 """
 
 from __future__ import annotations
@@ -142,12 +142,11 @@ def decode_streaming(vae: AutoencoderKL, latent: Array, *, slab: int = 8) -> Arr
     height, width = 2 * (low.shape[2]), 2 * (low.shape[3])
 
     def loop(body, init):
-        # Unrolled on purpose: XLA:CPU runs convolutions inside a while loop (fori_loop) ≈ 30×
-        # slower than the same convolutions in straight-line code (measured).
-        carry = init
-        for index in range(n_slabs):
-            carry = body(index, carry)
-        return carry
+        # A while loop keeps one slab alive at a time (peak ≈ 3.7 GiB at 160×224×160; unrolled
+        # into straight-line code XLA keeps many and peaks above 11 GiB). Known cost: XLA:CPU
+        # runs convolutions inside while loops far slower than in straight-line code (≈ 30× in
+        # a micro-benchmark), so this path is for memory-bound machines until that is solved.
+        return lax.fori_loop(0, n_slabs, body, init)
 
     # -- first ResBlock: its input U = upsample(low) is never stored whole -----------------
     first = resblocks[0]
