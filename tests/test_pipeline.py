@@ -135,3 +135,13 @@ def test_low_memory_decode_equals_default_decode(model):
     default = np.asarray(model.decode(latents))
     low_memory = np.asarray(model.decode(latents, low_memory=True))
     np.testing.assert_allclose(low_memory, default, rtol=0, atol=1e-5 * np.abs(default).max())
+
+
+def test_progress_reports_every_step_without_changing_the_result(model):
+    conditioning = np.array([[0.0, 0.1, 0.2, 0.4]])
+    calls = []
+    with_progress = model.sample_latents(conditioning, [9], num_inference_steps=4, image_shape=SHAPE,
+                                         progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    plain = model.sample_latents(conditioning, [9], num_inference_steps=4, image_shape=SHAPE)
+    np.testing.assert_array_equal(np.asarray(with_progress), np.asarray(plain))
