@@ -231,10 +231,11 @@ def _write_nifti(image: nib.Nifti1Image, path: Path) -> Path:
         return atomic_write(path, image.to_stream)
 
     def write_gzip(handle: IO[bytes]) -> None:
-        # filename/mtime fixed: the gzip header holds no temp name and no time stamp,
-        # so identical images give identical files.
+        # No file name and no time stamp in the gzip header: identical images give identical
+        # files whatever their names (a copy under another name stays byte-identical), and
+        # the BIDS validator's GZIP_HEADER_FILENAME warning does not apply.
         with gzip.GzipFile(
-            filename=path.name[: -len(".gz")], mode="wb", compresslevel=1, fileobj=handle, mtime=0
+            filename="", mode="wb", compresslevel=1, fileobj=handle, mtime=0
         ) as stream:
             image.to_stream(stream)
 

@@ -1,1 +1,1 @@
-"""Command-line programs: brain-ldm-convert (and, later, the BIDS App)."""
+"""Command-line programs: brain-ldm-convert and the BIDS App brain-ldm-bids."""

@@ -7,6 +7,15 @@ Nipype (the top-level package does not).
 
 from .autoencoder import VAEDecode, VAEEncode
 from .conditioning import NormaliseDemographics
+from .counterfactual import CounterfactualT1w
+from .derivatives import PublishDerivative
 from .sampling import SampleT1w
 
-__all__ = ["NormaliseDemographics", "SampleT1w", "VAEDecode", "VAEEncode"]
+__all__ = [
+    "CounterfactualT1w",
+    "NormaliseDemographics",
+    "PublishDerivative",
+    "SampleT1w",
+    "VAEDecode",
+    "VAEEncode",
+]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,9 @@ from ._common import cached_model, model_trait, revision_trait
 
 #: Largest seed: JAX's threefry keys hold 32 bits (larger seeds would silently wrap around).
 MAX_SEED = 2**32 - 1
+#: ``"<out_prefix>: DDIM step k/N"`` lines while sampling, about ten per image, at INFO. It has
+#: no handler: silent unless an application (e.g. brain-ldm-bids) attaches one.
+progress_log = logging.getLogger("brain_ldm_nodes.progress")
 _CONDITIONING_XOR = ["conditioning", "conditioning_file"]  # exactly one of them
 
 
@@ -87,8 +91,15 @@ class SampleT1w(SimpleInterface):
         model = cached_model(self.inputs)
         shape = self.inputs.image_shape if isdefined(self.inputs.image_shape) else model.image_shape
         steps, seed = self.inputs.num_inference_steps, self.inputs.seed
+        every, name = max(1, steps // 10), self.inputs.out_prefix
+
+        def progress(step: int, total: int) -> None:
+            if step % every == 0 or step == total:
+                progress_log.info("%s: DDIM step %d/%d", name, step, total)
+
         image = model.sample(
-            conditioning.as_array()[None], [seed], num_inference_steps=steps, image_shape=shape
+            conditioning.as_array()[None], [seed], num_inference_steps=steps, image_shape=shape,
+            progress=progress,
         )
         stem = Path(runtime.cwd) / self.inputs.out_prefix
         out_file = save_t1w(

@@ -1,0 +1,194 @@
+"""Argument parser of ``brain-ldm-bids`` (BIDS Apps conventions, as fMRIPrep's)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from .._version import __version__
+
+DESCRIPTION = """\
+brain-ldm-bids: synthetic T1w images from a BIDS dataset's participants.tsv.
+
+For every participant, sex, age (and, if present, ventricular CSF and brain volume) are read
+from participants.tsv, normalised to the Brain LDM's conditioning ([sex, age,
+ventricular_volume, brain_volume] in [0, 1]) and used to sample synthetic T1w images, written
+as a BIDS derivative dataset: sub-<label>/anat/sub-<label>_desc-synthetic_T1w.nii.gz + .json
+(with --n-samples N > 1: sub-<label>_run-<1..N>_desc-synthetic_T1w). Re-runs skip images that
+are complete and match the request. The 'group' level summarises output_dir: group/images.tsv
+(every image with its conditioning) and group/report.html (slice mosaics per subject).
+"""
+
+EPILOG = """\
+examples:
+  brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm participant --model /models/brain_ldm.1
+  brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm participant --participant-label 01 02 \\
+      --n-samples 3 --seed 7 --nprocs 2
+  brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm group
+
+environment:
+  BRAIN_LDM_MODEL      default for --model
+  HF_HUB_OFFLINE       1 unless set: Hub models come from the local Hugging Face cache only
+  HF_HOME, HF_HUB_CACHE  where that cache is
+
+exit status: 0 done (participants with unusable values are skipped, not errors); 1 the dataset,
+model or output folder cannot be used, or some images failed; 2 bad command line.
+"""
+
+
+class _OneLineErrorParser(argparse.ArgumentParser):
+    """Reports a bad command line in one line on stderr (no usage block), exit status 2."""
+
+    def error(self, message: str):  # noqa: D102 - argparse API
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _existing_dir(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(
+            f"{value}: no such directory (expected the root folder of a BIDS dataset)"
+        )
+    if not path.is_dir():
+        raise argparse.ArgumentTypeError(
+            f"{value}: not a directory (expected the root folder of a BIDS dataset)"
+        )
+    return path.resolve()
+
+
+def _positive_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an integer (accepted: 1, 2, ...)"
+        ) from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"{value} must be an integer ≥ 1")
+    return number
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not an integer (accepted: 0 to {2**32 - 1})"
+        ) from None
+    if number < 0 or number >= 2**32:
+        raise argparse.ArgumentTypeError(f"{value} is outside the accepted 0 to {2**32 - 1}")
+    return number
+
+
+_JSON_EXAMPLE = """'{"sbatch_args": "-p short"}'"""
+
+
+def _json_object(value: str) -> dict:
+    """A JSON object given inline or as the path of a JSON file."""
+    text, where = value, "inline JSON"
+    candidate = Path(value).expanduser()
+    if not value.lstrip().startswith(("{", "[")) and candidate.is_file():
+        where = str(candidate)
+        try:
+            text = candidate.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as error:
+            raise argparse.ArgumentTypeError(f"{candidate}: cannot read ({error})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(
+            f"{where} is not valid JSON ({error}); accepted: a JSON object such as "
+            f"{_JSON_EXAMPLE}, or the path of a file holding one"
+        ) from None
+    if not isinstance(data, dict):
+        raise argparse.ArgumentTypeError(
+            f"{where} is a JSON {type(data).__name__}, not an object; "
+            f"accepted: e.g. {_JSON_EXAMPLE}"
+        )
+    return data
+
+
+def _memory_gb(value: str) -> float:
+    text = value.strip().upper().removesuffix("B")
+    scale = 1.0
+    for suffix, factor in (("G", 1.0), ("M", 1 / 1024), ("T", 1024.0)):
+        if text.endswith(suffix):
+            text, scale = text[:-1], factor
+            break
+    try:
+        number = float(text) * scale
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a memory size (accepted: e.g. 16GB, 16000MB, 0.5T, 16)"
+        ) from None
+    if not number > 0 or number == float("inf"):
+        raise argparse.ArgumentTypeError(f"{value} must be a positive, finite memory size")
+    return number
+
+
+def get_parser() -> argparse.ArgumentParser:
+    """The ``brain-ldm-bids`` parser; building it runs nothing."""
+    parser = _OneLineErrorParser(
+        prog="brain-ldm-bids", description=DESCRIPTION, epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("bids_dir", type=_existing_dir,
+                        help="the root folder of a BIDS dataset (with participants.tsv)")
+    parser.add_argument("output_dir", type=Path,
+                        help="the output folder (a BIDS derivative dataset; created if missing)")
+    parser.add_argument("analysis_level", choices=["participant", "group"],
+                        help="'participant': synthesise images; 'group': summarise output_dir")
+
+    selection = parser.add_argument_group("selecting participants")
+    selection.add_argument("--participant-label", "--participant_label", nargs="+", metavar="LABEL",
+                           help="participants to process, with or without 'sub-' (default: all)")
+    selection.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
+                           help="do not validate bids_dir with pybids (a missing dataset_description.json "
+                                "is then tolerated)")
+    selection.add_argument("--demographics-config", type=Path, metavar="JSON",
+                           help="demographics policy: column names, sex codes, volume reference ranges "
+                                "(mm³), out-of-range policy, defaults (see README)")
+
+    model = parser.add_argument_group("model and sampling")
+    model.add_argument("--model", default=None,
+                       help="brain_ldm.1 bundle: a local folder (from brain-ldm-convert) or a "
+                            "Hugging Face Hub repo id in the local cache "
+                            "(default: $BRAIN_LDM_MODEL)")
+    model.add_argument("--revision",
+                       help="Hub revision (branch, tag or commit) of --model; ignored for folders")
+    model.add_argument("--seed", type=_non_negative_int, default=0,
+                       help="base seed; image n of participant sub-X uses a seed derived from "
+                            "(seed, X, n) only, so results do not depend on who else is processed")
+    model.add_argument("--n-samples", type=_positive_int, default=1,
+                       help="synthetic images per participant (default 1)")
+    model.add_argument("--num-inference-steps", type=_positive_int, default=50,
+                       help="DDIM steps (default 50, as upstream)")
+
+    execution = parser.add_argument_group("execution")
+    execution.add_argument("-w", "--work-dir", type=Path,
+                           help="Nipype working directory (default: "
+                                "output_dir/.brain-ldm-bids-work, removed after a run without "
+                                "failures)")
+    execution.add_argument("--nprocs", "--n-cpus", "--nthreads", type=_positive_int,
+                           help="images sampled in parallel with the MultiProc plugin (default "
+                                "1: the Linear plugin; JAX already uses every core within one "
+                                "process)")
+    execution.add_argument("--mem", "--mem-gb", dest="mem_gb", type=_memory_gb, metavar="MEM",
+                           help="memory limit for the MultiProc plugin, e.g. 16GB (default: "
+                                "90%% of the machine's)")
+    execution.add_argument("--plugin", default=None,
+                           help="Nipype execution plugin: Linear, MultiProc, SLURM, SLURMGraph, … "
+                                "(default: MultiProc if --nprocs > 1, else Linear)")
+    execution.add_argument("--plugin-args", type=_json_object, default=None, metavar="JSON",
+                           help="plugin arguments as a JSON object or a JSON file, passed to "
+                                "Nipype over the defaults (MultiProc: n_procs, memory_gb, "
+                                "mp_context=forkserver)")
+
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more output: -v lists every image and Nipype's node log; -vv also "
+                             "shows tracebacks on errors")
+    parser.add_argument("--debug", action="store_true",
+                        help="tracebacks on errors and Nipype's debug log (as -vv)")
+    parser.add_argument("--version", action="version", version=f"brain-ldm-bids {__version__}")
+    return parser

@@ -1,0 +1,510 @@
+"""``brain-ldm-bids``: the BIDS App's entry point.
+
+:func:`main` parses the command line, checks it, reads the dataset, plans which images are
+missing, builds the Nipype workflow that samples them, runs it and prints a summary. Known
+problems (a dataset, model, configuration or output folder that cannot be used, another run
+holding the output folder) end in one line on stderr and exit status 1 (2 for a bad command
+line); tracebacks only with ``-vv``/``--debug``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import sys
+import time
+import traceback
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .._version import __version__
+from .parser import get_parser
+
+PROG = "brain-ldm-bids"
+LOGGER_NAME = "brain_ldm_bids"
+EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
+
+log = logging.getLogger(LOGGER_NAME)
+
+
+class UsageError(ValueError):
+    """A command-line value that parses but cannot be used (exit status 2)."""
+
+
+class _FailedImages(RuntimeError):
+    """Some images could not be made (the summary lists them), or the plugin could not run."""
+
+
+def _known_errors() -> tuple[type[BaseException], ...]:
+    """Exceptions whose message is the whole story (imports deferred: they pull in pybids)."""
+    from ..bids import BidsDatasetError
+    from ..demographics import DemographicsError
+    from ..derivatives import OutputDirError
+    from ..report import ReportError
+    from ..weights.bundle import BundleError
+
+    return (UsageError, _FailedImages, BidsDatasetError, DemographicsError, OutputDirError,
+            BundleError, ReportError)
+
+
+def _one_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return " ".join(lines) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``brain-ldm-bids`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status."""
+    try:
+        args = get_parser().parse_args(argv)
+    except SystemExit as exit_:  # --help, --version, or a bad command line (already printed)
+        return int(exit_.code or 0)
+    debug = args.debug or args.verbose >= 2
+    try:
+        with _logging(args.verbose, debug):
+            if args.analysis_level == "participant":
+                return run_participant_level(args)
+            return run_group_level(args)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted; run the same command again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except Exception as exc:
+        known = isinstance(exc, _known_errors())
+        if debug:
+            traceback.print_exc()
+        message = _one_line(exc)
+        if not known:
+            message = (f"unexpected {type(exc).__name__}: {message} (run with --debug for the "
+                       "traceback, and please report it)")
+        print(f"{PROG}: error: {message}", file=sys.stderr)
+        return EXIT_USAGE if isinstance(exc, UsageError) else EXIT_FAILED
+
+
+# --------------------------------------------------------------------------- logging
+
+
+_NIPYPE_LEVELS = ("workflow_level", "interface_level", "utils_level")
+
+
+@contextmanager
+def _logging(verbose: int, debug: bool) -> Iterator[None]:
+    """Progress on stdout (our logger); Nipype's own log only with -v (DEBUG with -vv).
+    Nipype's levels are process-wide: they are put back afterwards (``main`` may run in a
+    process that uses Nipype otherwise, e.g. tests)."""
+    from nipype import config as nipype_config
+    from nipype import logging as nipype_logging
+
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", datefmt="%H:%M:%S"))
+    # The sampling node's per-step lines (in this process: the Linear plugin; MultiProc
+    # workers do not print them).
+    step_log = logging.getLogger("brain_ldm_nodes.progress")
+    for logger in (log, step_log):
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+        logger.propagate = False
+    previous = {option: nipype_config.get("logging", option) for option in _NIPYPE_LEVELS}
+    level = "DEBUG" if debug else "INFO" if verbose else "CRITICAL"
+    for option in _NIPYPE_LEVELS:
+        nipype_config.set("logging", option, level)
+    nipype_logging.update_logging(nipype_config)
+    try:
+        yield
+    finally:
+        for option, value in previous.items():
+            nipype_config.set("logging", option, value)
+        nipype_logging.update_logging(nipype_config)
+        log.handlers.clear()
+        step_log.handlers.clear()
+
+
+@contextmanager
+def _quiet_worker_logging(work_dir: Path, verbose: int) -> Iterator[None]:
+    """Worker processes read Nipype's configuration afresh: while the workflow runs, point
+    them at one that matches our verbosity (unless the user has their own
+    ``NIPYPE_CONFIG_DIR``)."""
+    if verbose or "NIPYPE_CONFIG_DIR" in os.environ:
+        yield
+        return
+    folder = work_dir / "nipype_config"
+    folder.mkdir(parents=True, exist_ok=True)
+    levels = "\n".join(f"{option} = CRITICAL" for option in _NIPYPE_LEVELS)
+    (folder / "nipype.cfg").write_text(f"[logging]\n{levels}\n", encoding="utf-8")
+    os.environ["NIPYPE_CONFIG_DIR"] = str(folder)
+    try:
+        yield
+    finally:
+        os.environ.pop("NIPYPE_CONFIG_DIR", None)
+
+
+# --------------------------------------------------------------------------- options
+
+
+def _model_name(args) -> tuple[str, str]:
+    """The model to use and where it was named (``--model`` or ``BRAIN_LDM_MODEL``)."""
+    if args.model:
+        return args.model, "--model"
+    model = os.environ.get("BRAIN_LDM_MODEL", "").strip()
+    if not model:
+        raise UsageError(
+            "no model given: pass --model (a brain_ldm.1 bundle folder, e.g. from "
+            "brain-ldm-convert, or a Hugging Face Hub repo id in the local cache) or set "
+            "BRAIN_LDM_MODEL"
+        )
+    return model, "BRAIN_LDM_MODEL"
+
+
+def _resolve_model(model: str, revision: str | None, named_by: str = "--model"):
+    """The model's identity (configs only, no weights); errors name where the model came from."""
+    from ..derivatives import ModelIdentity
+    from ..weights.bundle import BundleError
+
+    try:
+        return ModelIdentity.resolve(model, revision, local_files_only=_hub_offline())
+    except BundleError as exc:
+        raise BundleError(
+            f"{named_by}: {_one_line(exc)} (accepted: a brain_ldm.1 bundle folder, e.g. from "
+            "brain-ldm-convert, or a Hugging Face Hub repo id in the local cache)"
+        ) from exc
+
+
+def _hub_offline() -> bool:
+    """``HF_HUB_OFFLINE`` is 1 unless the user set it: Hub models come from the local cache."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    return os.environ["HF_HUB_OFFLINE"].strip().lower() in {"1", "on", "yes", "true"}
+
+
+def available_plugins() -> list[str]:
+    """Nipype execution plugins by the names ``Workflow.run(plugin=...)`` accepts."""
+    from nipype.pipeline import plugins
+
+    return sorted(name[: -len("Plugin")] for name in dir(plugins)
+                  if name.endswith("Plugin") and name != "Plugin" and name[0].isupper())
+
+
+def _plugin_settings(args) -> tuple[str, dict[str, Any]]:
+    """Plugin name and arguments: MultiProc (forkserver) for --nprocs > 1, else Linear;
+    --plugin-args override the defaults."""
+    nprocs = args.nprocs or 1
+    name = args.plugin or ("MultiProc" if nprocs > 1 else "Linear")
+    accepted = available_plugins()
+    if name not in accepted:
+        raise UsageError(
+            f"--plugin {name!r} is not a Nipype plugin (accepted: {', '.join(accepted)})"
+        )
+    plugin_args: dict[str, Any] = {}
+    if name == "MultiProc":
+        # forkserver: forking a process that has run JAX (multithreaded) can deadlock.
+        plugin_args = {"n_procs": args.nprocs or os.cpu_count() or 1, "mp_context": "forkserver"}
+        if args.mem_gb is not None:
+            plugin_args["memory_gb"] = args.mem_gb
+    elif args.nprocs and args.nprocs > 1 and name == "Linear":
+        log.info("note: --nprocs %d is ignored by the Linear plugin", args.nprocs)
+    plugin_args.update(args.plugin_args or {})
+    return name, plugin_args
+
+
+def _node_mem_gb(image_shape: Sequence[int]) -> float:
+    """Memory one sampling node needs: the full-grid figure scaled by the grid's size."""
+    from ..pipeline import IMAGE_SHAPE
+    from ..workflows.synthesis import FULL_SIZE_MEM_GB
+
+    scale = math.prod(image_shape) / math.prod(IMAGE_SHAPE)
+    return round(max(0.25, FULL_SIZE_MEM_GB * scale), 2)
+
+
+# --------------------------------------------------------------------------- participant level
+
+
+@dataclass
+class Progress:
+    """Nipype ``status_callback``: one line when an image starts and when it is written,
+    with the time it took, the running count and an estimate of the time left."""
+
+    requests: Sequence[Any]
+    started_at: float = field(default_factory=time.monotonic)
+    written: list[str] = field(default_factory=list)
+    failures: dict[str, str] = field(default_factory=dict)
+    _starts: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self._by_stem = {request.stem: request for request in self.requests}
+
+    def _request_of(self, node) -> tuple[Any, str] | None:
+        from ..interfaces import PublishDerivative, SampleT1w
+
+        interface = node.interface
+        if isinstance(interface, SampleT1w):
+            stem, kind = node.inputs.out_prefix, "sample"
+        elif isinstance(interface, PublishDerivative):
+            stem, kind = Path(node.inputs.out_file).name[: -len(".nii.gz")], "publish"
+        else:
+            return None
+        request = self._by_stem.get(stem)
+        return None if request is None else (request, kind)
+
+    def __call__(self, node, status: str) -> None:
+        found = self._request_of(node)
+        if found is None:
+            return
+        request, kind = found
+        stem = request.stem
+        if kind == "sample" and status == "start":
+            self._starts[stem] = time.monotonic()
+            log.info("%s (seed %d): sampling, %d DDIM steps", request.title, request.seed,
+                     request.num_inference_steps)
+        elif kind == "publish" and status == "end":
+            if stem in self.failures:  # Linear reports "end" for the nodes it skips
+                return
+            self.written.append(stem)
+            now = time.monotonic()
+            took = now - self._starts.get(stem, now)
+            per_step = took / request.num_inference_steps
+            done, total = len(self.written), len(self.requests)
+            eta = (now - self.started_at) / done * (total - done)
+            log.info("[%d/%d] %s done in %s (%s per step): %s%s", done, total, request.title,
+                     _duration(took), _duration(per_step), request.relative_path,
+                     f"; about {_duration(eta)} left" if done < total else "")
+        elif status == "exception":
+            self.failures[stem] = _node_failure(node)
+            log.info("%s FAILED: %s", request.title, self.failures[stem])
+
+
+def _node_failure(node) -> str:
+    """The last line of a failed node's traceback (from its result file)."""
+    try:
+        text = node.result.runtime.traceback or ""
+    except Exception:  # no result file: the crash file is all there is
+        text = ""
+    lines = [line.strip() for line in str(text).splitlines() if line.strip()]
+    return lines[-1] if lines else f"node {node.fullname} failed (see its crash file)"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def _source_description(layout) -> dict[str, Any]:
+    try:
+        description = layout.get_dataset_description()
+    except Exception:  # missing or broken and --skip-bids-validation: nothing to cite
+        return {}
+    return dict(description) if isinstance(description, dict) else {}
+
+
+def _write_conditioning_files(table, folder: Path) -> dict[str, Path]:
+    """One conditioning JSON per usable participant, rewritten only if it changed (so
+    Nipype's hashes, and its cache in a kept work folder, stay valid)."""
+    import json
+
+    from ..provenance import conditioning_document, write_conditioning
+
+    files = {}
+    for participant in table.usable:
+        path = folder / f"sub-{participant.label}_conditioning.json"
+        document = json.loads(json.dumps(
+            conditioning_document(participant.conditioning, table.policy)))
+        try:
+            current = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            current = None
+        if current != document:
+            write_conditioning(participant.conditioning, path, table.policy)
+        files[participant.label] = path
+    return files
+
+
+def run_participant_level(args) -> int:
+    from ..bids import BidsConfig, BidsDatasetError, load_layout, read_participants
+    from ..derivatives import (
+        DEFAULT_WORK_DIR_NAME,
+        OutputLock,
+        assess,
+        check_locations,
+        dataset_description,
+        plan_images,
+        prepare_output_dir,
+        read_own_description,
+        refresh_sidecar,
+        remove_stale_temporaries,
+        write_dataset_files,
+    )
+
+    bids_dir = args.bids_dir
+    output_dir = args.output_dir.expanduser().resolve()
+    work_dir = args.work_dir.expanduser().resolve() if args.work_dir else None
+    check_locations(bids_dir, output_dir, work_dir)
+    if work_dir is not None and output_dir in work_dir.parents:
+        hidden = work_dir.relative_to(output_dir).parts[0].startswith(".")
+        if not hidden:
+            log.info("note: -w %s is inside output_dir; the BIDS validator will report it "
+                     "unless its name starts with '.' or it is listed in .bidsignore", work_dir)
+    model_name, named_by = _model_name(args)
+    plugin, plugin_args = _plugin_settings(args)
+    log.info("%s %s: participant level; %s -> %s", PROG, __version__, bids_dir, output_dir)
+
+    config = BidsConfig.from_json(args.demographics_config) if args.demographics_config else None
+    layout = load_layout(bids_dir, validate=not args.skip_bids_validation)
+    table = read_participants(
+        bids_dir, config, participant_labels=args.participant_label, layout=layout
+    )
+    for problem in table.problems:
+        log.info("note: %s", problem)
+    for participant in table.skipped:
+        log.info("skipping sub-%s: %s", participant.label, participant.skip_reason)
+    if not table.usable:
+        raise BidsDatasetError(
+            f"{table.tsv_path}: none of the {len(table)} selected participants can be used "
+            "(each one's reason is printed above)"
+        )
+
+    identity = _resolve_model(model_name, args.revision, named_by)
+    if args.num_inference_steps > identity.num_train_timesteps:
+        raise UsageError(
+            f"--num-inference-steps {args.num_inference_steps}: the model was trained with "
+            f"{identity.num_train_timesteps} timesteps "
+            f"(accepted: 1 to {identity.num_train_timesteps})"
+        )
+    if args.revision and Path(identity.model).is_dir():
+        log.info("note: --revision is ignored for a bundle folder (%s)", identity.model)
+    log.info("model %s: weights sha256 %s, grid %s; %d DDIM steps, base seed %d",
+             identity.model, identity.unet_sha256[:12],
+             "x".join(map(str, identity.image_shape)), args.num_inference_steps, args.seed)
+
+    read_own_description(output_dir)  # refuse another dataset before writing anything
+    output_dir = prepare_output_dir(output_dir)
+    with OutputLock(output_dir):
+        existing = read_own_description(output_dir)
+        for path in remove_stale_temporaries(output_dir):
+            log.info("removed %s (left by an interrupted run)", path.relative_to(output_dir))
+        write_dataset_files(output_dir, dataset_description(_source_description(layout)),
+                            existing)
+        requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
+                               num_inference_steps=args.num_inference_steps, model=identity)
+        to_make, refreshed, complete = [], [], []
+        for request in requests:
+            assessment = assess(request, output_dir)
+            if assessment.action == "complete":
+                complete.append(request)
+                log.debug("%s: already complete (%s)", request.title, request.relative_path)
+            elif assessment.action == "refresh":
+                refresh_sidecar(request, output_dir)
+                refreshed.append(request)
+                log.info("%s: sidecar updated (%s)", request.title, assessment.reason)
+            else:
+                to_make.append(request)
+                if assessment.reason != "new":
+                    log.info("%s: sampling again: %s", request.title, assessment.reason)
+        log.info("%d participants, %d skipped; %d images: %d already complete, %d to sample",
+                 len(table), len(table.skipped), len(requests), len(complete), len(to_make))
+
+        failures: dict[str, str] = {}
+        work = work_dir or output_dir / DEFAULT_WORK_DIR_NAME
+        if to_make:
+            failures = _run_workflow(args, to_make, table, identity, output_dir, work,
+                                     plugin, plugin_args)
+        _print_summary(table, len(to_make) - len(failures), complete, refreshed, failures,
+                       to_make)
+        if failures:
+            raise _FailedImages(f"{len(failures)} of {len(to_make)} images failed (reasons above; "
+                                f"crash files in {work / 'crash'})")
+        if work_dir is None and work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
+                  plugin: str, plugin_args: dict[str, Any]) -> dict[str, str]:
+    """Build and run the workflow; returns ``{stem: reason}`` of the images that failed."""
+    from ..derivatives import assess
+    from ..workflows.bids import ImageByImageLinearPlugin, init_brain_ldm_bids_wf
+
+    conditioning_files = _write_conditioning_files(table, work / "conditioning")
+    workflow = init_brain_ldm_bids_wf(
+        requests=requests, conditioning_files=conditioning_files, output_dir=output_dir,
+        revision=args.revision, mem_gb=_node_mem_gb(identity.image_shape),
+    )
+    workflow.base_dir = str(work)
+    workflow.config["execution"].update({
+        "crashdump_dir": str(work / "crash"),
+        "crashfile_format": "txt",
+        "stop_on_first_crash": False,
+        "poll_sleep_duration": 0.2,
+    })
+    progress = Progress(requests)
+    arguments = dict(plugin_args)
+    if not plugin.endswith("Graph"):  # graph plugins submit everything at once, no callbacks
+        arguments["status_callback"] = progress
+    runner: Any = plugin
+    if plugin == "Linear":  # publish each image as soon as it is sampled
+        runner = ImageByImageLinearPlugin(plugin_args=arguments)
+    error: Exception | None = None
+    try:
+        with _quiet_worker_logging(work, args.verbose):
+            workflow.run(plugin=runner, plugin_args=arguments)
+    except Exception as exc:  # node failures are reported per image below
+        error = exc
+    failures = {}
+    for request in requests:
+        if assess(request, output_dir).action != "complete":
+            failures[request.stem] = progress.failures.get(request.stem) or (
+                f"not run: {_one_line(error)}" if error else "not written (unknown reason)")
+    if error is not None and not progress.failures and len(failures) == len(requests):
+        raise _FailedImages(f"the {plugin} plugin could not run the workflow: {_one_line(error)}")
+    return failures
+
+
+def _print_summary(table, written: int, complete, refreshed, failures, requests) -> None:
+    by_stem = {request.stem: request for request in requests}
+    log.info("summary: %d images written, %d already complete, %d sidecars updated, "
+             "%d failed; %d participants skipped", written, len(complete), len(refreshed),
+             len(failures), len(table.skipped))
+    for participant in table.skipped:
+        log.info("  skipped sub-%s: %s", participant.label, participant.skip_reason)
+    for stem, reason in failures.items():
+        log.info("  failed %s: %s", by_stem[stem].title, reason)
+
+
+# --------------------------------------------------------------------------- group level
+
+
+def run_group_level(args) -> int:
+    from ..bids import normalise_participant_label
+    from ..derivatives import OutputDirError, OutputLock, read_own_description
+    from ..report import write_group_report
+
+    output_dir = args.output_dir.expanduser().resolve()
+    if not output_dir.is_dir():
+        raise OutputDirError(
+            f"output_dir {output_dir}: no such directory (run the participant level first)"
+        )
+    if read_own_description(output_dir) is None:
+        raise OutputDirError(
+            f"output_dir {output_dir} has no dataset_description.json, so it is not an output of "
+            f"{PROG} (run the participant level first)"
+        )
+    labels = None
+    if args.participant_label:
+        labels = sorted({normalise_participant_label(label, what="--participant-label")
+                         for label in args.participant_label})
+    log.info("%s %s: group level; %s", PROG, __version__, output_dir)
+    with OutputLock(output_dir):
+        report = write_group_report(output_dir, labels=labels, progress=log.info)
+    for problem in report.problems:
+        log.info("note: %s", problem)
+    log.info("summary: %d images of %d participants in %s and %s", report.n_images,
+             report.n_participants, report.table.relative_to(output_dir),
+             report.html.relative_to(output_dir))
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

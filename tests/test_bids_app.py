@@ -1,0 +1,387 @@
+"""The BIDS App ``brain-ldm-bids`` end to end on the example datasets, with the tiny bundle.
+
+Most runs call ``main(argv)`` in this process (the sampler compiles once); the console script
+runs in fresh processes for the kill/resume, concurrency and Hub tests. Those share a
+persistent JAX compilation cache, and MultiProc workers start by forkserver.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from brain_ldm_nodes import __version__
+from brain_ldm_nodes.derivatives import LOCK_NAME, OutputLock, derive_seed
+from brain_ldm_nodes.interfaces import SampleT1w
+from brain_ldm_nodes.model_cache import get_model
+from brain_ldm_nodes.report import TSV_COLUMNS
+from brain_ldm_nodes.weights.bundle import read_bundle_config
+
+from bids_app_support import (
+    CONSOLE_SCRIPT,
+    app,
+    completed_output,
+    console,
+    console_env,
+    copy_dataset,
+    tiny_model_path,
+    tree,
+    validator_errors,
+)
+from test_interfaces import STEPS
+
+MINIMAL = {  # ds-minimal: label -> (raw cells, conditioning) as bids_examples/README.md says
+    "01": ({"sex": "M", "age": "44", "ventricular_volume": "0.2", "brain_volume": "0.4"},
+           [1.0, 0.0, 0.2, 0.4]),
+    "02": ({"sex": "F", "age": "63", "ventricular_volume": "0.5", "brain_volume": "0.5"},
+           [0.0, 0.5, 0.5, 0.5]),
+    "03": ({"sex": "F", "age": "82", "ventricular_volume": "0.7", "brain_volume": "0.9"},
+           [0.0, 1.0, 0.7, 0.9]),
+}
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return tiny_model_path(tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
+    return completed_output(tmp_path_factory, tiny_model)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def app_environment(tmp_path_factory):
+    """Offline Hub; one persistent JAX compilation cache for the processes started here."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HF_HUB_OFFLINE", "1")
+        patch.setenv("JAX_COMPILATION_CACHE_DIR",
+                     str(tmp_path_factory.getbasetemp() / "bids_app_jax_cache"))
+        patch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+        yield
+
+
+def participant(dataset: Path, out: Path, model: Path, *extra: object):
+    return app(dataset, out, "participant", "--model", model, "--num-inference-steps", STEPS,
+               *extra)
+
+
+def sidecar_of(out: Path, label: str, run: int | None = None) -> dict:
+    entity = f"_run-{run}" if run else ""
+    return json.loads((out / f"sub-{label}/anat/sub-{label}{entity}_desc-synthetic_T1w.json")
+                      .read_text())
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+def test_ds_minimal_participant_then_group_is_a_valid_derivative_with_reproducible_images(
+    tmp_path, tiny_model
+):
+    dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
+    source = json.loads((dataset / "dataset_description.json").read_text())
+    source["DatasetDOI"] = "doi:10.0000/example.ds-minimal"
+    (dataset / "dataset_description.json").write_text(json.dumps(source))
+    out = tmp_path / "derivatives"
+    done = participant(dataset, out, tiny_model, "--n-samples", 2)
+    assert done.code == 0, done.err
+    assert done.err == ""
+    assert "[6/6] sub-03 image 2/2 done" in done.out and "summary: 6 images written" in done.out
+    assert "sub-02_run-1_desc-synthetic_T1w: DDIM step 2/2" in done.out  # per-step progress
+
+    names = sorted(p.relative_to(out).as_posix() for p in out.glob("sub-*/anat/*"))
+    assert names == [f"sub-{label}/anat/sub-{label}_run-{run}_desc-synthetic_T1w.{ext}"
+                     for label in MINIMAL for run in (1, 2) for ext in ("json", "nii.gz")]
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetType"] == "derivative"
+    assert description["GeneratedBy"][0]["Name"] == "brain-ldm-bids"
+    assert description["GeneratedBy"][0]["Version"] == __version__
+    assert description["GeneratedBy"][0]["CodeURL"].startswith("https://")
+    assert description["SourceDatasets"] == [{
+        "DOI": "doi:10.0000/example.ds-minimal",
+        "URL": "https://doi.org/10.0000/example.ds-minimal",
+    }]
+    assert description["Name"] == f"Brain LDM synthetic T1w images ({source['Name']})"
+    assert not (out / ".brain-ldm-bids-work").exists()  # default work folder removed
+
+    config = read_bundle_config(tiny_model)
+    model = get_model(str(tiny_model))
+    for label, (raw, conditioning) in MINIMAL.items():
+        for index in (0, 1):
+            sidecar = sidecar_of(out, label, index + 1)
+            seed = derive_seed(0, label, index)
+            assert sidecar["Synthetic"] is True and sidecar["SkullStripped"] is False
+            assert sidecar["Seed"] == seed
+            assert sidecar["SeedDerivation"] == {
+                "BaseSeed": 0, "Participant": label, "SampleIndex": index,
+                "Formula": sidecar["SeedDerivation"]["Formula"]}
+            assert sidecar["Conditioning"]["Values"] == conditioning
+            assert sidecar["Conditioning"]["Derivation"]["age"]["raw"] == raw["age"]
+            assert sidecar["Demographics"]["Values"] == raw
+            assert sidecar["Demographics"]["Policy"]["out_of_range"] == "error"
+            assert sidecar["Sampler"]["NumInferenceSteps"] == STEPS
+            assert sidecar["Sampler"]["Scheduler"] == config.scheduler.to_dict()
+            assert sidecar["Model"]["Source"]["model"]["weights_sha256"] == config.weights_sha256
+            assert sidecar["Grid"]["Shape"] == [16, 16, 16]
+            assert isinstance(sidecar["SoftwareVersions"], str)  # BIDS wants a string
+            image = nib.load(out / f"sub-{label}/anat/sub-{label}_run-{index + 1}"
+                                   "_desc-synthetic_T1w.nii.gz")
+            expected = model.sample(np.array([conditioning]), [seed], num_inference_steps=STEPS)
+            np.testing.assert_array_equal(np.asanyarray(image.dataobj), np.asarray(expected)[0, 0])
+
+    group = app(dataset, out, "group")
+    assert group.code == 0, group.err
+    with open(out / "group" / "images.tsv", newline="") as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    assert list(rows[0]) == list(TSV_COLUMNS) and len(rows) == 6
+    assert [(r["participant_id"], r["run"]) for r in rows] == [
+        (f"sub-{label}", str(run)) for label in MINIMAL for run in (1, 2)]
+    assert rows[2]["sex"] == "0.0" and rows[2]["age"] == "0.5" and rows[2]["raw_age"] == "63"
+    page = (out / "group" / "report.html").read_text()
+    for row in rows:
+        png = out / "group" / "figures" / (Path(row["image"]).name[:-7] + "_mosaic.png")
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert f'src="figures/{png.name}"' in page
+    assert validator_errors(out) == []
+
+
+def test_ds_messy_skips_unusable_participants_with_reasons_and_passes_the_validator(
+    tmp_path, tiny_model
+):
+    dataset = copy_dataset("ds-messy", tmp_path / "ds-messy")
+    out = tmp_path / "out"
+    done = participant(dataset, out, tiny_model)
+    assert done.code == 0, done.err
+    assert sorted(p.name for p in out.glob("sub-*/anat/*.nii.gz")) == [
+        f"sub-{label}_desc-synthetic_T1w.nii.gz" for label in ("01", "02", "05")]
+    summary = done.out[done.out.index("summary:"):]
+    assert "3 images written" in summary and "5 participants skipped" in summary
+    assert "skipped sub-03: participants.tsv row 4 (sub-03), column 'Age' ('89+')" in summary
+    assert "skipped sub-06: participants.tsv row 7 (sub-06), column 'Age': missing value" in summary
+    assert "skipped sub-08: participants.tsv row 9 (sub-08), column 'VCSF'" in summary
+    assert sidecar_of(out, "05")["Demographics"]["Values"]["Age"] == "60-66"
+
+    assert app(dataset, out, "group").code == 0
+    rows = (out / "group" / "images.tsv").read_text().splitlines()
+    assert len(rows) == 4 and "\t60-66\t" in rows[3]
+    assert validator_errors(out) == []
+
+
+def test_an_image_depends_on_base_seed_participant_and_index_only(tmp_path, tiny_model, template):
+    dataset, full_run = template
+    alone = tmp_path / "alone"
+    assert participant(dataset, alone, tiny_model, "--participant-label", "sub-02").code == 0
+    assert [p.name for p in alone.glob("sub-*")] == ["sub-02"]
+    for name in ("sub-02_desc-synthetic_T1w.nii.gz", "sub-02_desc-synthetic_T1w.json"):
+        assert (alone / "sub-02/anat" / name).read_bytes() == \
+               (full_run / "sub-02/anat" / name).read_bytes()
+
+    other_seed = tmp_path / "seed7"
+    assert participant(dataset, other_seed, tiny_model, "--participant-label", "02",
+                       "--seed", 7).code == 0
+    seed = sidecar_of(other_seed, "02")["Seed"]
+    assert seed == derive_seed(7, "02", 0) != derive_seed(0, "02", 0)
+    image = "sub-02/anat/sub-02_desc-synthetic_T1w.nii.gz"
+    assert not np.array_equal(np.asanyarray(nib.load(other_seed / image).dataobj),
+                              np.asanyarray(nib.load(full_run / image).dataobj))
+
+
+# --------------------------------------------------------------------------- re-runs
+
+
+def test_rerun_of_a_complete_output_samples_nothing_and_changes_no_byte(
+    tmp_path, tiny_model, template, monkeypatch
+):
+    dataset, finished = template
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    before = tree(out)
+
+    def refuse(self, runtime):
+        raise AssertionError("SampleT1w ran again")
+
+    monkeypatch.setattr(SampleT1w, "_run_interface", refuse)
+    done = participant(dataset, out, tiny_model)
+    assert done.code == 0, done.err
+    assert "3 images: 3 already complete, 0 to sample" in done.out
+    assert tree(out) == before
+
+
+def test_changed_policy_rewrites_only_sidecars_and_changed_seed_resamples(
+    tmp_path, tiny_model, template
+):
+    dataset, finished = template
+    config = tmp_path / "clip.json"
+    config.write_text(json.dumps({"policy": {"out_of_range": "clip"}}))
+    out = tmp_path / "out"
+    shutil.copytree(finished, out)
+    images = {path: path.read_bytes() for path in out.glob("sub-*/anat/*.nii.gz")}
+
+    done = participant(dataset, out, tiny_model, "--demographics-config", config)
+    assert done.code == 0, done.err
+    assert done.out.count(": sidecar updated (Conditioning.Derivation is") == 3
+    assert {path: path.read_bytes() for path in images} == images
+    fresh = tmp_path / "fresh"
+    assert participant(dataset, fresh, tiny_model, "--demographics-config", config).code == 0
+    assert tree(out) == tree(fresh)  # as if made with this policy from the start
+
+    done = participant(dataset, out, tiny_model, "--demographics-config", config,
+                       "--participant-label", "01", "--seed", 3)
+    assert done.code == 0, done.err
+    assert "sub-01 image 1/1: sampling again: Seed is" in done.out
+    assert sidecar_of(out, "01")["Seed"] == derive_seed(3, "01", 0)
+    assert sidecar_of(out, "02")["Seed"] == derive_seed(0, "02", 0)  # not asked for: untouched
+
+
+def test_kill_9_mid_run_then_resume_gives_the_bytes_of_an_uninterrupted_run(tmp_path, tiny_model):
+    dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
+    args = ["participant", "--model", str(tiny_model), "--num-inference-steps", str(STEPS),
+            "--n-samples", "3"]
+    killed = tmp_path / "killed"
+    process = subprocess.Popen([str(CONSOLE_SCRIPT), str(dataset), str(killed), *args],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               env=console_env())
+    deadline = time.monotonic() + 120
+    while not list(killed.glob("sub-*/anat/*.json")):
+        assert process.poll() is None, process.stderr.read().decode()
+        assert time.monotonic() < deadline, "no output within 120 s"
+        time.sleep(0.005)
+    os.kill(process.pid, signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+
+    sidecars = sorted(killed.glob("sub-*/anat/*.json"))
+    assert 0 < len(sidecars) < 9, "the run was not interrupted mid-way"
+    for path in killed.glob("sub-*/anat/*"):  # nothing visible is half-written
+        if path.name.endswith(".json"):
+            json.loads(path.read_text())
+            assert path.with_name(path.name[:-5] + ".nii.gz").exists()
+        else:
+            assert path.name.endswith(".nii.gz")
+            assert np.asanyarray(nib.load(path).dataobj).shape == (16, 16, 16)
+
+    resumed = app(dataset, killed, *args)
+    assert resumed.code == 0, resumed.err
+    assert f"{len(sidecars)} already complete, {9 - len(sidecars)} to sample" in resumed.out
+    uninterrupted = tmp_path / "uninterrupted"
+    assert app(dataset, uninterrupted, *args).code == 0
+    assert tree(killed) == tree(uninterrupted)
+    assert not list(killed.rglob(".*.tmp-*"))
+
+
+def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_first_completes(
+    tmp_path, tiny_model
+):
+    dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
+    out = tmp_path / "out"
+    args = ["participant", "--model", str(tiny_model), "--num-inference-steps", str(STEPS)]
+    first = subprocess.Popen([str(CONSOLE_SCRIPT), str(dataset), str(out), *args],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=console_env())
+    lock, deadline = out / LOCK_NAME, time.monotonic() + 120
+    while not (lock.exists() and lock.read_text().startswith("pid")):
+        assert first.poll() is None and time.monotonic() < deadline
+        time.sleep(0.005)
+    second = app(dataset, out, *args)
+    group = app(dataset, out, "group")
+    stdout, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr.decode()
+    for refused in (second, group):
+        assert refused.code == 1 and len(refused.err_lines) == 1
+        assert refused.err_lines[0].startswith(f"brain-ldm-bids: error: output_dir {out} is in use "
+                                               f"by another brain-ldm-bids run (pid {first.pid}")
+    assert len(list(out.glob("sub-*/anat/*_T1w.json"))) == 3
+    assert lock.read_text() == ""  # released
+    assert validator_errors(out) == []
+
+
+def test_multiproc_with_forkserver_gives_the_bytes_of_linear(tmp_path, tiny_model, template):
+    dataset, linear = template
+    out = tmp_path / "multiproc"
+    done = participant(dataset, out, tiny_model, "--nprocs", 2)
+    assert done.code == 0, done.err
+    assert "[3/3]" in done.out
+    assert tree(out) == tree(linear)
+
+
+def test_a_failing_image_is_reported_and_the_others_are_written(
+    tmp_path, tiny_model, template, monkeypatch
+):
+    dataset, _ = template
+    real_run = SampleT1w._run_interface
+
+    def fail_for_sub02(self, runtime):
+        if self.inputs.out_prefix.startswith("sub-02"):
+            raise RuntimeError("simulated out-of-memory")
+        return real_run(self, runtime)
+
+    monkeypatch.setattr(SampleT1w, "_run_interface", fail_for_sub02)
+    out = tmp_path / "out"
+    done = participant(dataset, out, tiny_model)
+    assert done.code == 1
+    assert done.err_lines == [f"brain-ldm-bids: error: 1 of 3 images failed (reasons above; "
+                              f"crash files in {out / '.brain-ldm-bids-work' / 'crash'})"]
+    assert "failed sub-02 image 1/1: RuntimeError: simulated out-of-memory" in done.out
+    assert "sub-02 image 1/1 done" not in done.out and "[2/3] sub-03 image 1/1 done" in done.out
+    assert "Traceback" not in done.out + done.err
+    assert sorted(p.name for p in out.glob("sub-*/anat/*.json")) == [
+        "sub-01_desc-synthetic_T1w.json", "sub-03_desc-synthetic_T1w.json"]
+    assert list((out / ".brain-ldm-bids-work" / "crash").glob("crash-*.txt"))
+
+    monkeypatch.setattr(SampleT1w, "_run_interface", real_run)
+    again = participant(dataset, out, tiny_model)  # the re-run makes only what is missing
+    assert again.code == 0 and "2 already complete, 1 to sample" in again.out
+
+
+# --------------------------------------------------------------------------- console script
+
+
+def test_hub_repo_id_from_the_offline_cache_is_used_and_recorded(tmp_path, tiny_model, template):
+    from upstream_fixtures import publish_to_hf_cache  # imports torch: only here
+
+    commit_model, commit_vae = "c" * 40, "d" * 40
+    model = get_model(str(tiny_model))
+    model.save_pretrained(tmp_path / "bundle", vae_path=tmp_path / "bundle-vae",
+                          base_repo_id="lab/tiny-vae", base_revision=commit_vae)
+    cache = tmp_path / "hf" / "hub"
+    publish_to_hf_cache(cache, "lab/tiny-vae", tmp_path / "bundle-vae", commit_vae)
+    publish_to_hf_cache(cache, "lab/tiny", tmp_path / "bundle", commit_model)
+    dataset, local_run = template
+    out = tmp_path / "out"
+    env = {**console_env(), "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_CACHE", None)
+    done = console(dataset, out, "participant", "--model", "lab/tiny", "--revision", "main",
+                   "--participant-label", "01", "--num-inference-steps", STEPS, env=env)
+    assert done.code == 0, done.err
+    source = sidecar_of(out, "01")["Model"]["Source"]
+    assert source["model"]["id"] == "lab/tiny" and source["model"]["revision"] == "main"
+    assert commit_model in source["model"]["folder"] and source["vae"]["id"] == "lab/tiny-vae"
+    image = "sub-01/anat/sub-01_desc-synthetic_T1w.nii.gz"
+    assert (out / image).read_bytes() == (local_run / image).read_bytes()  # same weights
+
+
+def test_console_script_prints_version_and_help():
+    version = console("--version")
+    assert version.code == 0 and version.out.strip() == f"brain-ldm-bids {__version__}"
+    usage = console("--help")
+    assert usage.code == 0
+    for option in ("--participant-label", "--work-dir", "--nprocs", "--mem", "--model",
+                   "--revision", "--seed", "--n-samples", "--num-inference-steps", "--plugin",
+                   "--plugin-args", "--demographics-config", "--skip-bids-validation", "--verbose"):
+        assert option in usage.out
+
+
+def test_the_lock_is_released_when_a_run_holding_it_ends(tmp_path):
+    with OutputLock(tmp_path):
+        assert (tmp_path / LOCK_NAME).read_text().startswith(f"pid {os.getpid()} ")
+    with OutputLock(tmp_path):  # can be taken again
+        pass
+    assert (tmp_path / LOCK_NAME).read_text() == ""
