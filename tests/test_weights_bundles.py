@@ -107,7 +107,7 @@ def test_md5_of_random_weights_warns_and_released_md5_is_recognised(upstream, tm
         assert convert_cli.main(convert_args(upstream, tmp_path / "a")) == 0
     assert "is not the released autoencoder checkpoint" in caplog.text
     caplog.clear()
-    autoencoder_pt, model_pt = upstream[0], upstream[1]
+    autoencoder_pt = upstream[0]
     from brain_ldm_nodes.weights.torch_checkpoint import file_md5
 
     monkeypatch.setitem(convert_module.UPSTREAM_MD5, "autoencoder", file_md5(autoencoder_pt))
