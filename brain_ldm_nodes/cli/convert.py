@@ -73,7 +73,13 @@ def _load_config(path: Path | None, cls: type, flag: str):
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="brain-ldm-convert: %(message)s")
+    package_logger = logging.getLogger("brain_ldm_nodes")  # ours only, not JAX's backend chatter
+    if not any(getattr(h, "name", None) == "brain-ldm-convert" for h in package_logger.handlers):
+        handler = logging.StreamHandler()
+        handler.set_name("brain-ldm-convert")
+        handler.setFormatter(logging.Formatter("brain-ldm-convert: %(message)s"))
+        package_logger.addHandler(handler)
+    package_logger.setLevel(logging.INFO)
     from ..models import AutoencoderKLConfig, DiffusionModelUNetConfig
     from ..weights.bundle import BundleError
     from ..weights.convert import ConversionError, convert_upstream
