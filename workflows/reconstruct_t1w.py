@@ -21,6 +21,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from brain_ldm_nodes.workflows import init_encode_decode_wf
+from brain_ldm_nodes.workflows.execution import last_line, plugin_settings
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -80,21 +81,6 @@ def substitutions(t1w: str) -> list:
         ("conformed_T1w", f"{stem}_desc-conformed_T1w"),
         ("encode_report", f"{stem}_encode"),
     ]
-
-
-def plugin_settings(nprocs: int) -> dict:
-    """Linear in this process, or MultiProc whose workers start by forkserver (JAX is
-    multithreaded, so forking a process that already ran JAX can deadlock)."""
-    if nprocs <= 1:
-        return {"plugin": "Linear"}
-    return {"plugin": "MultiProc", "plugin_args": {"n_procs": nprocs, "mp_context": "forkserver"}}
-
-
-def last_line(exc: BaseException) -> str:
-    """The gist of a failed run: Nipype re-raises a node's error (Linear; "N raised" with the
-    first as its cause) or its traceback as text (MultiProc), whose last line is the error."""
-    lines = str(exc.__cause__ or exc).strip().splitlines()
-    return lines[-1].strip() if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:

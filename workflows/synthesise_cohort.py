@@ -24,6 +24,7 @@ from nipype.pipeline import engine as pe
 
 from brain_ldm_nodes.demographics import CONDITIONING_ORDER
 from brain_ldm_nodes.workflows import init_synthesis_wf
+from brain_ldm_nodes.workflows.execution import last_line, plugin_settings
 
 #: participant_id, sex, age (years), ventricular_volume, brain_volume (normalised, [0, 1])
 DEMO_COHORT = [
@@ -113,21 +114,6 @@ def build_workflow(args: argparse.Namespace) -> pe.Workflow:
     ])
     # fmt: on
     return workflow
-
-
-def plugin_settings(nprocs: int) -> dict:
-    """Linear in this process, or MultiProc whose workers start by forkserver (JAX is
-    multithreaded, so forking a process that already ran JAX can deadlock)."""
-    if nprocs <= 1:
-        return {"plugin": "Linear"}
-    return {"plugin": "MultiProc", "plugin_args": {"n_procs": nprocs, "mp_context": "forkserver"}}
-
-
-def last_line(exc: BaseException) -> str:
-    """The gist of a failed run: Nipype re-raises a node's error (Linear; "N raised" with the
-    first as its cause) or its traceback as text (MultiProc), whose last line is the error."""
-    lines = str(exc.__cause__ or exc).strip().splitlines()
-    return lines[-1].strip() if lines else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
