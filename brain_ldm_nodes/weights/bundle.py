@@ -323,10 +323,10 @@ def resolve_bundle(
     except hub_errors.LocalEntryNotFoundError:
         raise BundleError(
             f"{name}" + (f"@{revision}" if revision else "") + ": not found in the Hugging Face "
-            "cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only). Download it "
-            "first on a machine with network access, e.g. "
-            f"`hf download {name}" + (f" --revision {revision}" if revision else "") + "`, "
-            "and point HF_HOME/HF_HUB_CACHE at that cache"
+            "cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only). Fetch it (and "
+            "its base bundle) first on a machine with network access: "
+            f"`brain-ldm-fetch {name}" + (f" --revision {revision}" if revision else "") + "`, "
+            "then point HF_HOME/HF_HUB_CACHE at that cache"
         ) from None
     except hub_errors.HFValidationError as error:
         raise BundleError(f"{name}: neither a bundle folder nor a valid Hub repo id ({error})") from None
