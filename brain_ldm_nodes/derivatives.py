@@ -9,12 +9,25 @@ Layout of ``output_dir`` (a BIDS derivative dataset)::
     .bidsignore                     lists /group (the group report is not BIDS)
     sub-<label>/anat/sub-<label>_desc-synthetic_T1w.nii.gz + .json           (--n-samples 1)
     sub-<label>/anat/sub-<label>_run-<n>_desc-synthetic_T1w.nii.gz + .json    (n = 1..N)
+    sub-<label>/anat/sub-<label>_desc-syntheticSweep<Field><Value>_T1w.nii.gz    (--sweep)
+    sub-<label>/[ses-<s>/]anat/<source entities>_desc-counterfactual_T1w.nii.gz  (--counterfactual)
+    sub-<label>/[ses-<s>/]anat/<source entities>_desc-counterfactualSweep<Field><Value>_T1w...
     group/                          the group level (:mod:`brain_ldm_nodes.report`)
-    .brain-ldm-bids.lock            flock-ed while a run uses the folder
-    .brain-ldm-bids-work/           the default Nipype work folder (removed after a clean run)
+    .brain-ldm-bids.lock            flock-ed while a run uses the folder (shared by participant
+                                    runs, exclusive for the group level)
+    .brain-ldm-bids-locks/          one flock per participant being processed
+    .brain-ldm-bids-work/<run>/     the default Nipype work folder of a run (removed after a
+                                    clean run)
 
 Seeds: image ``n`` (0-based) of participant ``X`` uses :func:`derive_seed` ``(seed, X, n)``,
-so it does not depend on which other participants a run includes.
+so it does not depend on which other participants a run includes. A synthetic sweep uses the
+seed of image 0 for every value, so the value equal to the participant's own gives image 0.
+
+Counterfactuals (:class:`CounterfactualRequest`) are made from each real T1w of a participant
+(``<source entities>`` = the source's file name without ``_T1w``), by DDIM inversion under the
+participant's own conditioning: no seed. Their sidecars name the source as a BIDS URI
+(``bids:raw:<path in bids_dir>``, resolved by ``DatasetLinks.raw`` in
+``dataset_description.json``) and record its sha256, so a changed source is redone.
 
 Resumability. Every file is written atomically (a hidden temporary, then a rename), and an
 image's sidecar is removed before the image is (re)written and written after it
@@ -37,7 +50,8 @@ import os
 import shutil
 import socket
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -47,29 +61,41 @@ from .imaging import atomic_write, write_json
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps pybids out of this module's imports
     from .bids import Participant, ParticipantsTable
+    from .demographics import Conditioning
+    from .edits import EditValue, Sweep
 
 __all__ = [
     "BIDS_VERSION",
+    "COUNTERFACTUAL_DESC",
     "DEFAULT_WORK_DIR_NAME",
     "GENERATED_BY",
     "LOCK_NAME",
+    "LOCKS_DIR_NAME",
     "Assessment",
+    "CounterfactualRequest",
     "ImageRequest",
+    "SweepPoint",
     "LockHeldError",
     "ModelIdentity",
     "OutputDirError",
     "OutputLock",
+    "ParticipantLocks",
     "assess",
     "check_locations",
     "dataset_description",
     "derive_seed",
     "image_relative_path",
+    "plan_counterfactuals",
     "plan_images",
+    "plan_sweeps",
     "prepare_output_dir",
     "publish_image",
+    "raw_dataset_link",
     "read_own_description",
     "refresh_sidecar",
+    "default_work_dir",
     "remove_stale_temporaries",
+    "remove_stale_top_level_temporaries",
     "sidecar_path",
     "write_dataset_files",
 ]
@@ -78,7 +104,10 @@ GENERATED_BY = "brain-ldm-bids"
 CODE_URL = "https://github.com/brain-ldm-nodes/brain-ldm-nodes"
 BIDS_VERSION = "1.10.0"
 DESC = "synthetic"
+COUNTERFACTUAL_DESC = "counterfactual"
+SWEEP_INFIX = "Sweep"  # desc-syntheticSweepAge50, desc-counterfactualSweepAgePlus10
 LOCK_NAME = ".brain-ldm-bids.lock"
+LOCKS_DIR_NAME = ".brain-ldm-bids-locks"
 DEFAULT_WORK_DIR_NAME = ".brain-ldm-bids-work"
 GROUP_DIR_NAME = "group"
 SEED_FORMULA = (
@@ -253,16 +282,39 @@ class ImageRequest:
     columns: Mapping[str, str | None]
     policy: Mapping[str, Any]
     tsv_name: str = "participants.tsv"
+    #: A point of a conditioning sweep (``index`` 0: the seed of the participant's image 0).
+    sweep: SweepPoint | None = None
+
+    image_keys = property(lambda self: IMAGE_KEYS)
+    metadata_keys = property(
+        lambda self: METADATA_KEYS + ((("Sweep",),) if self.sweep is not None else ())
+    )
 
     def __post_init__(self) -> None:
         if self.participant.conditioning is None:
             raise ValueError(f"sub-{self.participant.label} has no usable conditioning")
         if not 0 <= self.index < self.n_samples:
             raise ValueError(f"sample index {self.index} is outside 0..{self.n_samples - 1}")
+        if self.sweep is not None and self.index != 0:
+            raise ValueError("a sweep uses the seed of image 0 (index 0)")
 
     @property
     def label(self) -> str:
         return self.participant.label
+
+    @property
+    def conditioning(self) -> Conditioning:
+        """The conditioning sampled: the participant's own, or the sweep point's."""
+        return self.sweep.conditioning if self.sweep is not None else self.participant.conditioning
+
+    @property
+    def conditioning_key(self) -> str:
+        """Name of the conditioning JSON the sampler reads (one per distinct conditioning)."""
+        return self.stem if self.sweep is not None else self.participant.participant_id
+
+    def conditionings(self) -> dict[str, Conditioning]:
+        """``{conditioning_key: conditioning}`` the workflow needs written."""
+        return {self.conditioning_key: self.conditioning}
 
     @property
     def seed(self) -> int:
@@ -270,6 +322,9 @@ class ImageRequest:
 
     @property
     def relative_path(self) -> Path:
+        if self.sweep is not None:
+            desc = DESC + self.sweep.desc_suffix
+            return Path(f"sub-{self.label}", "anat", f"sub-{self.label}_desc-{desc}_T1w.nii.gz")
         return image_relative_path(self.label, self.index, self.n_samples)
 
     @property
@@ -278,8 +333,14 @@ class ImageRequest:
 
     @property
     def title(self) -> str:
-        """``sub-01 image 2/3``: how progress lines name the image."""
+        """``sub-01 image 2/3`` or ``sub-01 sweep age=50 (1/7)``: how progress lines name it."""
+        if self.sweep is not None:
+            return f"sub-{self.label} sweep {self.sweep.title}"
         return f"sub-{self.label} image {self.index + 1}/{self.n_samples}"
+
+    @property
+    def start_message(self) -> str:
+        return f"{self.title} (seed {self.seed}): sampling, {self.num_inference_steps} DDIM steps"
 
     def extra_metadata(self) -> dict[str, Any]:
         """Sidecar keys added to :func:`~brain_ldm_nodes.provenance.synthesis_sidecar`'s.
@@ -287,14 +348,10 @@ class ImageRequest:
         The raw cells and where they came from, the seed's derivation, and the BIDS keys
         required of derivative anatomical images.
         """
+        sweep = {"Sweep": self.sweep.metadata()} if self.sweep is not None else {}
         return _json_normal({
-            "Demographics": {
-                "Source": self.tsv_name,
-                "ParticipantId": self.participant.participant_id,
-                "Columns": dict(self.columns),
-                "Values": dict(self.participant.raw),
-                "Policy": dict(self.policy),
-            },
+            **sweep,
+            "Demographics": _demographics(self),
             "SeedDerivation": {
                 "BaseSeed": self.base_seed,
                 "Participant": self.label,
@@ -308,10 +365,12 @@ class ImageRequest:
 
     def expected(self) -> dict[tuple[str, ...], Any]:
         """Sidecar key path -> the value the request implies (IMAGE_KEYS and METADATA_KEYS)."""
-        conditioning = self.participant.conditioning
+        conditioning = self.conditioning
         values = [float(v) for v in conditioning.values]
         extras = self.extra_metadata()
+        sweep = {("Sweep",): extras["Sweep"]} if self.sweep is not None else {}
         return {
+            **sweep,
             ("Conditioning", "Values"): values,
             ("Seed",): self.seed,
             ("Sampler", "NumInferenceSteps"): self.num_inference_steps,
@@ -358,6 +417,286 @@ def plan_images(
         for participant in table.usable
         for index in range(n_samples)
     ]
+
+
+def _demographics(request: Any) -> dict[str, Any]:
+    """The ``Demographics`` sidecar entry: the participants.tsv cells and how they were read."""
+    return {
+        "Source": request.tsv_name,
+        "ParticipantId": request.participant.participant_id,
+        "Columns": dict(request.columns),
+        "Values": dict(request.participant.raw),
+        "Policy": dict(request.policy),
+    }
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """Value ``index`` of ``sweep``, resolved for one participant into ``conditioning``."""
+
+    sweep: Sweep
+    index: int
+    conditioning: Conditioning
+
+    @property
+    def value(self) -> EditValue:
+        return self.sweep.values[self.index]
+
+    @property
+    def desc_suffix(self) -> str:
+        """``SweepAge50``: appended to the base ``desc`` label (letters and digits only)."""
+        return f"{SWEEP_INFIX}{self.sweep.field_token}{self.value.token}"
+
+    @property
+    def title(self) -> str:
+        return f"{self.value.spec} ({self.index + 1}/{len(self.sweep.values)})"
+
+    def metadata(self) -> dict[str, Any]:
+        """The ``Sweep`` sidecar entry."""
+        return {**self.sweep.describe(), "Value": self.value.text, "Index": self.index}
+
+
+def _resolve_points(
+    participant: Participant, sweeps: Sequence[Sweep], policy: Any, notes: list[str], what: str
+) -> list[SweepPoint]:
+    """Every sweep value applied to ``participant``'s conditioning; values that cannot be
+    (out of range under the policy) are left out with a note."""
+    from .edits import EditError, apply_edits
+
+    points = []
+    for sweep in sweeps:
+        for index, value in enumerate(sweep.values):
+            try:
+                conditioning = apply_edits(participant.conditioning, [value], policy, how="sweep")
+            except EditError as exc:
+                notes.append(f"{what} of sub-{participant.label}: --sweep {sweep.text}: value "
+                             f"{value.text} left out: {exc}")
+                continue
+            points.append(SweepPoint(sweep, index, conditioning))
+    return points
+
+
+def plan_sweeps(
+    table: ParticipantsTable,
+    sweeps: Sequence[Sweep],
+    *,
+    base_seed: int,
+    num_inference_steps: int,
+    model: ModelIdentity,
+) -> tuple[list[ImageRequest], list[str]]:
+    """Synthetic sweep images of every usable participant (all from the seed of its image 0)
+    and one-line notes on values left out."""
+    policy = table.policy.to_dict()
+    requests, notes = [], []
+    for participant in table.usable:
+        for point in _resolve_points(participant, sweeps, table.policy, notes, "sweep"):
+            requests.append(ImageRequest(
+                participant=participant, index=0, n_samples=1, base_seed=base_seed,
+                num_inference_steps=num_inference_steps, model=model,
+                columns=dict(table.columns), policy=policy, tsv_name=table.tsv_path.name,
+                sweep=point,
+            ))
+    return requests, notes
+
+
+#: Counterfactual sidecar keys that determine the voxels.
+COUNTERFACTUAL_IMAGE_KEYS: tuple[tuple[str, ...], ...] = (
+    ("SourceSHA256",),
+    ("ConditioningFrom", "Values"),
+    ("ConditioningTo", "Values"),
+    ("Sampler", "NumInferenceSteps"),
+    ("Sampler", "Scheduler"),
+    ("Model", "Source", "model", "weights_sha256"),
+    ("Model", "Source", "vae", "weights_sha256"),
+    ("Grid", "Shape"),
+)
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """sha256 of a file's bytes (hex)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CounterfactualRequest:
+    """One counterfactual of a participant's real T1w to have in ``output_dir``.
+
+    ``source_relative`` is the T1w's path inside ``bids_dir`` (POSIX); ``edits`` the
+    ``--counterfactual`` edits (empty for a sweep point); ``target`` the resolved conditioning.
+    """
+
+    participant: Participant
+    source: Path
+    source_relative: str
+    source_sha256: str
+    target: Conditioning
+    num_inference_steps: int
+    model: ModelIdentity
+    columns: Mapping[str, str | None]
+    policy: Mapping[str, Any]
+    tsv_name: str = "participants.tsv"
+    edits: tuple[EditValue, ...] = ()
+    sweep: SweepPoint | None = None
+
+    image_keys = property(lambda self: COUNTERFACTUAL_IMAGE_KEYS)
+
+    def __post_init__(self) -> None:
+        if self.participant.conditioning is None:
+            raise ValueError(f"sub-{self.participant.label} has no usable conditioning")
+        if (self.sweep is None) == (not self.edits):
+            raise ValueError("a counterfactual has either edits or a sweep point")
+        if not Path(self.source_relative).name.endswith(("_T1w.nii.gz", "_T1w.nii")):
+            raise ValueError(f"{self.source_relative}: not a T1w image name")
+
+    @property
+    def label(self) -> str:
+        return self.participant.label
+
+    @property
+    def source_uri(self) -> str:
+        """``bids:raw:<path>``: the source as a BIDS URI (``DatasetLinks.raw``)."""
+        return f"bids:raw:{self.source_relative}"
+
+    @property
+    def source_group(self) -> str:
+        """The source's entities (``sub-02_ses-1_run-1``): one inversion per source."""
+        name = Path(self.source_relative).name
+        return name[: name.rindex("_T1w")]
+
+    @property
+    def relative_path(self) -> Path:
+        desc = COUNTERFACTUAL_DESC + (self.sweep.desc_suffix if self.sweep is not None else "")
+        folder = Path(self.source_relative).parent
+        return folder / f"{self.source_group}_desc-{desc}_T1w.nii.gz"
+
+    @property
+    def stem(self) -> str:
+        return self.relative_path.name[: -len(".nii.gz")]
+
+    @property
+    def title(self) -> str:
+        what = (f"sweep {self.sweep.title}" if self.sweep is not None
+                else " ".join(edit.spec for edit in self.edits))
+        return f"{self.source_group} counterfactual {what}"
+
+    @property
+    def start_message(self) -> str:
+        return (f"{self.source_group}: DDIM inversion + counterfactuals, "
+                f"{self.num_inference_steps} steps each")
+
+    @property
+    def seed(self) -> None:
+        return None
+
+    @property
+    def metadata_keys(self) -> tuple[tuple[str, ...], ...]:
+        what = ("Sweep",) if self.sweep is not None else ("Edit",)
+        return (("Sources",), ("ConditioningFrom", "Derivation"), ("ConditioningTo", "Derivation"),
+                ("Demographics",), what, ("SkullStripped",))
+
+    def conditionings(self) -> dict[str, Conditioning]:
+        """``{key: conditioning}`` the workflow needs written: own (inversion) and target."""
+        return {self.participant.participant_id: self.participant.conditioning,
+                self.stem: self.target}
+
+    def extra_metadata(self) -> dict[str, Any]:
+        """Sidecar keys added to :func:`~brain_ldm_nodes.provenance.counterfactual_sidecar`'s:
+        the source as a BIDS URI and its sha256, the edit or sweep point, the demographics."""
+        what = ({"Sweep": self.sweep.metadata()} if self.sweep is not None
+                else {"Edit": [edit.spec for edit in self.edits]})
+        return _json_normal({
+            "Sources": [self.source_uri],
+            "SourceSHA256": self.source_sha256,
+            **what,
+            "Demographics": _demographics(self),
+            # The model regenerates whole-head images like its training data.
+            "SkullStripped": False,
+        })
+
+    def expected(self) -> dict[tuple[str, ...], Any]:
+        """Sidecar key path -> the value the request implies (image and metadata keys)."""
+        own = self.participant.conditioning
+        extras = self.extra_metadata()
+
+        def record(conditioning: Conditioning) -> Any:
+            return _json_normal(dict(conditioning.record)) if conditioning.record else _MISSING
+
+        expected = {
+            ("SourceSHA256",): self.source_sha256,
+            ("ConditioningFrom", "Values"): [float(v) for v in own.values],
+            ("ConditioningTo", "Values"): [float(v) for v in self.target.values],
+            ("Sampler", "NumInferenceSteps"): self.num_inference_steps,
+            ("Sampler", "Scheduler"): _json_normal(self.model.scheduler),
+            ("Model", "Source", "model", "weights_sha256"): self.model.unet_sha256,
+            ("Model", "Source", "vae", "weights_sha256"): self.model.vae_sha256,
+            ("Grid", "Shape"): list(self.model.image_shape),
+            ("Sources",): extras["Sources"],
+            ("ConditioningFrom", "Derivation"): record(own),
+            ("ConditioningTo", "Derivation"): record(self.target),
+            ("Demographics",): extras["Demographics"],
+            ("SkullStripped",): extras["SkullStripped"],
+        }
+        key = "Sweep" if self.sweep is not None else "Edit"
+        expected[(key,)] = extras[key]
+        return expected
+
+
+def plan_counterfactuals(
+    table: ParticipantsTable,
+    sources: Mapping[str, Sequence[Path]],
+    *,
+    bids_dir: Path,
+    edits: Sequence[EditValue],
+    sweeps: Sequence[Sweep],
+    num_inference_steps: int,
+    model: ModelIdentity,
+) -> tuple[list[CounterfactualRequest], list[str]]:
+    """Counterfactuals of every real T1w of every usable participant: one per source with
+    ``edits`` (if any), and one per value of each sweep; with one-line notes on what is
+    left out (participants without a T1w, edits out of range under the policy).
+
+    ``sources`` maps a participant label to its T1w images (absolute paths under
+    ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids.find_t1w_images`.
+    """
+    from .edits import EditError, apply_edits
+
+    policy = table.policy.to_dict()
+    root = Path(bids_dir).resolve()
+    requests: list[CounterfactualRequest] = []
+    notes: list[str] = []
+    for participant in table.usable:
+        images = sources.get(participant.label) or ()
+        if not images:
+            notes.append(f"sub-{participant.label}: no T1w image (anat/*_T1w.nii[.gz]) in "
+                         f"{root}; no counterfactual for it")
+            continue
+        targets: list[tuple[Conditioning, tuple[EditValue, ...], SweepPoint | None]] = []
+        if edits:
+            try:
+                targets.append((apply_edits(participant.conditioning, edits, table.policy),
+                                tuple(edits), None))
+            except EditError as exc:
+                notes.append(f"counterfactual of sub-{participant.label}: --counterfactual "
+                             f"{' '.join(e.spec for e in edits)} left out: {exc}")
+        for point in _resolve_points(participant, sweeps, table.policy, notes, "counterfactual"):
+            targets.append((point.conditioning, (), point))
+        for image in images:
+            path = Path(image).resolve()
+            relative = path.relative_to(root).as_posix()
+            digest = file_sha256(path)
+            for target, edit, point in targets:
+                requests.append(CounterfactualRequest(
+                    participant=participant, source=path, source_relative=relative,
+                    source_sha256=digest, target=target,
+                    num_inference_steps=num_inference_steps, model=model,
+                    columns=dict(table.columns), policy=policy, tsv_name=table.tsv_path.name,
+                    edits=edit, sweep=point,
+                ))
+    return requests, notes
 
 
 # --------------------------------------------------------------------------- what is done
@@ -420,8 +759,12 @@ def _image_problem(path: Path, shape: Sequence[int]) -> str | None:
     return None
 
 
-def assess(request: ImageRequest, output_dir: str | os.PathLike[str]) -> Assessment:
-    """Compare the image of ``request`` in ``output_dir`` (if any) with the request."""
+def assess(
+    request: ImageRequest | CounterfactualRequest, output_dir: str | os.PathLike[str]
+) -> Assessment:
+    """Compare the image of ``request`` in ``output_dir`` (if any) with the request: its
+    ``image_keys`` decide whether to make it again, its ``metadata_keys`` whether to rewrite
+    only the sidecar."""
     image = Path(output_dir) / request.relative_path
     sidecar = sidecar_path(image)
     if not sidecar.exists():
@@ -437,16 +780,18 @@ def assess(request: ImageRequest, output_dir: str | os.PathLike[str]) -> Assessm
     if problem is not None:
         return Assessment("generate", problem)
     expected = request.expected()
-    difference = _difference(document, expected, IMAGE_KEYS)
+    difference = _difference(document, expected, request.image_keys)
     if difference is not None:
         return Assessment("generate", difference)
-    difference = _difference(document, expected, METADATA_KEYS)
+    difference = _difference(document, expected, request.metadata_keys)
     if difference is not None:
         return Assessment("refresh", difference)
     return Assessment("complete", "complete and matching")
 
 
-def refresh_sidecar(request: ImageRequest, output_dir: str | os.PathLike[str]) -> Path:
+def refresh_sidecar(
+    request: ImageRequest | CounterfactualRequest, output_dir: str | os.PathLike[str]
+) -> Path:
     """Rewrite the sidecar of an image whose voxels match ``request`` but whose description
     does not (``assess(...).action == "refresh"``); the image is left alone."""
     sidecar = sidecar_path(Path(output_dir) / request.relative_path)
@@ -454,7 +799,7 @@ def refresh_sidecar(request: ImageRequest, output_dir: str | os.PathLike[str]) -
     if isinstance(document, str):
         raise ValueError(document)
     for path, value in request.expected().items():
-        if path in IMAGE_KEYS:
+        if path in request.image_keys:
             continue
         parent = document
         for key in path[:-1]:
@@ -561,71 +906,208 @@ def _check_writable(folder: Path) -> None:
         ) from None
 
 
-class OutputLock:
-    """An exclusive, non-blocking ``flock`` on ``output_dir/.brain-ldm-bids.lock``.
+def _holder_line() -> str:
+    started = time.strftime("%Y-%m-%d %H:%M:%S")
+    return f"pid {os.getpid()} on {socket.gethostname()} since {started}\n"
 
-    A second run on the same folder gets :class:`LockHeldError` at once (never waits). The
-    lock file names its holder while held and is emptied, not removed, on release (removing a
-    lock file lets two processes lock different files of the same name). ``flock`` is
-    advisory and, on some network file systems, local to one machine.
+
+def _open_lock_file(path: Path, folder: Path) -> int:
+    try:
+        return os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as exc:
+        raise OutputDirError(
+            f"output_dir {folder}: cannot create the lock file {path.relative_to(folder)} "
+            f"({exc.strerror or exc}); choose a folder you can write to"
+        ) from None
+
+
+def _read_holder(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode("utf-8", "replace").strip()
+
+
+def _release(fd: int, *, clear: bool) -> None:
+    try:
+        if clear:
+            os.ftruncate(fd, 0)
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
+def _busy(folder: Path, holder: str, what: str = "") -> LockHeldError:
+    return LockHeldError(
+        f"output_dir {folder} is in use by another brain-ldm-bids run ({holder or 'another process'})"
+        f"{what}; wait for it to finish or choose another output folder"
+    )
+
+
+def _participant_lock_holders(folder: Path) -> str:
+    """Who holds participant locks (from their lock files), for an error message."""
+    holders = []
+    for path in sorted((folder / LOCKS_DIR_NAME).glob("sub-*.lock")):
+        try:
+            line = path.read_text(encoding="utf-8").strip()
+        except OSError:
+            continue
+        if line and line not in holders:
+            holders.append(f"{line}, {path.stem}")
+    return "; ".join(holders[:3]) + (" …" if len(holders) > 3 else "")
+
+
+class OutputLock:
+    """A non-blocking ``flock`` on ``output_dir/.brain-ldm-bids.lock``.
+
+    Exclusive (default; the group level, and anyone who must be alone in the folder): a second
+    run gets :class:`LockHeldError` at once, never waits. Shared (``shared=True``): what
+    :class:`ParticipantLocks` takes, so that runs on different participants (e.g. the tasks of
+    a SLURM job array) work side by side while no exclusive holder is in. An exclusive holder
+    writes its name into the lock file; the file is emptied, not removed, on release (removing
+    a lock file lets two processes lock different files of the same name). ``flock`` is
+    advisory and, on some network file systems, local to one machine (NFSv4 and Lustre mounted
+    with ``flock`` share it between machines).
     """
 
-    def __init__(self, output_dir: str | os.PathLike[str]):
+    def __init__(self, output_dir: str | os.PathLike[str], *, shared: bool = False):
         self.folder = Path(output_dir)
         self.path = self.folder / LOCK_NAME
+        self.shared = shared
         self._fd: int | None = None
 
     def __enter__(self) -> OutputLock:
+        fd = _open_lock_file(self.path, self.folder)
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
-        except OSError as exc:
-            raise OutputDirError(
-                f"output_dir {self.folder}: cannot create the lock file {LOCK_NAME} "
-                f"({exc.strerror or exc}); choose a folder you can write to"
-            ) from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            fcntl.flock(fd, (fcntl.LOCK_SH if self.shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "another process"
+            holder = _read_holder(fd) or _participant_lock_holders(self.folder)
             os.close(fd)
-            raise LockHeldError(
-                f"output_dir {self.folder} is in use by another brain-ldm-bids run ({holder}); "
-                "wait for it to finish or choose another output folder"
-            ) from None
+            raise _busy(self.folder, holder) from None
         try:
             _check_writable(self.folder)
-            started = time.strftime("%Y-%m-%d %H:%M:%S")
-            holder = f"pid {os.getpid()} on {socket.gethostname()} since {started}\n"
-            os.ftruncate(fd, 0)
-            os.pwrite(fd, holder.encode(), 0)
+            if not self.shared:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _holder_line().encode(), 0)
         except BaseException:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            os.close(fd)
+            _release(fd, clear=False)
             raise
         self._fd = fd
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self._fd is not None:
+            fd, self._fd = self._fd, None
+            _release(fd, clear=not self.shared)
+
+
+class ParticipantLocks:
+    """What a participant-level run holds: ``output_dir``'s lock shared, plus an exclusive
+    ``flock`` on ``output_dir/.brain-ldm-bids-locks/sub-<label>.lock`` per participant.
+
+    Runs on disjoint participants (one SLURM array task per participant) therefore run side by
+    side in one output folder; a run on a participant that another run holds, or while the
+    group level (exclusive) runs, gets :class:`LockHeldError` at once, naming the holder.
+    Files shared by all runs (``dataset_description.json``, ``README.md``, ``.bidsignore``)
+    are written under :meth:`dataset_files`, a short blocking lock.
+    """
+
+    def __init__(self, output_dir: str | os.PathLike[str], labels: Iterable[str]):
+        self.folder = Path(output_dir)
+        self.labels = sorted(set(labels))
+        self._output_lock = OutputLock(self.folder, shared=True)
+        self._fds: list[int] = []
+
+    def __enter__(self) -> ParticipantLocks:
+        self._output_lock.__enter__()
+        try:
+            locks = self.folder / LOCKS_DIR_NAME
+            locks.mkdir(exist_ok=True)
+            for label in self.labels:
+                fd = _open_lock_file(locks / f"sub-{label}.lock", self.folder)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:
+                    holder = _read_holder(fd)
+                    os.close(fd)
+                    raise _busy(self.folder, holder, f" for sub-{label}") from None
+                self._fds.append(fd)
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, _holder_line().encode(), 0)
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        while self._fds:
+            _release(self._fds.pop(), clear=True)
+        self._output_lock.__exit__()
+
+    @contextmanager
+    def dataset_files(self, timeout_s: float = 600.0) -> Iterator[None]:
+        """Exclusive, blocking (up to ``timeout_s``) lock for the files every run shares."""
+        fd = _open_lock_file(self.folder / LOCKS_DIR_NAME / "dataset.lock", self.folder)
+        deadline = time.monotonic() + timeout_s
+        while True:
             try:
-                os.ftruncate(self._fd, 0)
-            finally:
-                fcntl.flock(self._fd, fcntl.LOCK_UN)
-                os.close(self._fd)
-                self._fd = None
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise _busy(self.folder, f"waited {timeout_s:.0f} s",
+                                " for dataset_description.json") from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            _release(fd, clear=False)
 
 
-def remove_stale_temporaries(output_dir: str | os.PathLike[str]) -> list[Path]:
-    """Remove the hidden ``.*.tmp-*`` files a killed run leaves (call it holding the lock)."""
+def remove_stale_temporaries(
+    output_dir: str | os.PathLike[str], labels: Iterable[str] | None = None
+) -> list[Path]:
+    """Remove the hidden ``.*.tmp-*`` files a killed run leaves.
+
+    ``labels=None``: everywhere (call it holding :class:`OutputLock` exclusively). With
+    ``labels``: in those participants' folders and in ``group/`` only (call it holding their
+    :class:`ParticipantLocks`; other participants' temporaries may belong to a live run); the
+    top-level ones under :meth:`ParticipantLocks.dataset_files`.
+    """
     folder = Path(output_dir)
-    patterns = (".*.tmp-*", "sub-*/anat/.*.tmp-*", f"{GROUP_DIR_NAME}/.*.tmp-*",
-                f"{GROUP_DIR_NAME}/*/.*.tmp-*")
+    if labels is None:
+        patterns = [".*.tmp-*", "sub-*/anat/.*.tmp-*", "sub-*/ses-*/anat/.*.tmp-*"]
+    else:
+        patterns = [f"sub-{label}/{where}anat/.*.tmp-*" for label in labels
+                    for where in ("", "ses-*/")]
+    patterns += [f"{GROUP_DIR_NAME}/.*.tmp-*", f"{GROUP_DIR_NAME}/*/.*.tmp-*"]
     removed = []
     for pattern in patterns:
         for path in sorted(folder.glob(pattern)):
             if path.is_file():
                 path.unlink(missing_ok=True)
                 removed.append(path)
+    return removed
+
+
+def default_work_dir(output_dir: str | os.PathLike[str], labels: Iterable[str]) -> Path:
+    """``output_dir/.brain-ldm-bids-work/<run>``: one work folder per set of participants,
+    so that concurrent runs on other participants (array tasks) never share or remove it, and
+    re-running the same command finds its own (Nipype's cache) again. ``<run>`` is
+    ``sub-<label>`` for one participant, else ``participants-<sha256 of the labels>[:12]``."""
+    unique = sorted(set(labels))
+    if len(unique) == 1:
+        run = f"sub-{unique[0]}"
+    else:
+        run = "participants-" + hashlib.sha256(" ".join(unique).encode()).hexdigest()[:12]
+    return Path(output_dir) / DEFAULT_WORK_DIR_NAME / run
+
+
+def remove_stale_top_level_temporaries(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The top-level ``.*.tmp-*`` files (call it under :meth:`ParticipantLocks.dataset_files`)."""
+    removed = []
+    for path in sorted(Path(output_dir).glob(".*.tmp-*")):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+            removed.append(path)
     return removed
 
 
@@ -646,9 +1128,12 @@ def _generated_by() -> dict[str, Any]:
     return entry
 
 
-def dataset_description(source: Mapping[str, Any]) -> dict[str, Any]:
+def dataset_description(
+    source: Mapping[str, Any], *, raw_link: str | None = None
+) -> dict[str, Any]:
     """``dataset_description.json`` of an output made from a dataset whose own description
-    is ``source`` (empty if it has none).
+    is ``source`` (empty if it has none); ``raw_link`` (see :func:`raw_dataset_link`) becomes
+    ``DatasetLinks.raw``, which resolves the ``bids:raw:`` URIs of counterfactual sidecars.
 
     The name includes the source's ``Name``; ``SourceDatasets`` names the source by its
     ``DatasetDOI`` when it has one. A local path is deliberately not recorded: it would make
@@ -668,7 +1153,19 @@ def dataset_description(source: Mapping[str, Any]) -> dict[str, Any]:
     if doi:
         bare = doi.removeprefix("doi:")
         description["SourceDatasets"] = [{"DOI": doi, "URL": f"https://doi.org/{bare}"}]
+    if raw_link:
+        description["DatasetLinks"] = {"raw": raw_link}
     return description
+
+
+def raw_dataset_link(source: Mapping[str, Any], bids_dir: Path, output_dir: Path) -> str:
+    """What ``DatasetLinks.raw`` names: the source's ``DatasetDOI`` (``doi:...``) when it has
+    one, else the path of ``bids_dir`` relative to ``output_dir`` (e.g. ``../..`` for
+    ``bids_dir/derivatives/brain-ldm``), so that moving both together keeps it valid."""
+    doi = str((source or {}).get("DatasetDOI") or "").strip()
+    if doi:
+        return doi if doi.startswith("doi:") else f"doi:{doi}"
+    return Path(os.path.relpath(Path(bids_dir).resolve(), Path(output_dir).resolve())).as_posix()
 
 
 def read_own_description(output_dir: Path) -> dict[str, Any] | None:
@@ -714,6 +1211,8 @@ def _merged_description(existing: Mapping[str, Any] | None, new: dict[str, Any])
     if sources:
         merged["SourceDatasets"] = sources
     merged.setdefault("HowToAcknowledge", new["HowToAcknowledge"])
+    if new.get("DatasetLinks"):
+        merged["DatasetLinks"] = {**(existing.get("DatasetLinks") or {}), **new["DatasetLinks"]}
     return merged
 
 
@@ -728,6 +1227,11 @@ in `dataset_description.json`), synthetic T1w images sampled from the Brain LDM
 Each `sub-<label>/anat/*_desc-synthetic_T1w.nii.gz` has a JSON sidecar with everything needed to
 reproduce it: the raw demographics, the normalised conditioning and how it was derived, the seed
 and its derivation, the sampler settings, the model's weights (sha256) and the software versions.
+`*_desc-counterfactual_T1w` images (from `--counterfactual`) are model outputs too: a
+participant's real T1w (named in `Sources` as a `bids:raw:` URI, see `DatasetLinks`) encoded,
+its DDIM trajectory inverted under the participant's own demographics, and sampled forward
+under edited ones; their sidecars record both conditionings and the reconstruction error.
+`*Sweep<Field><Value>` images vary one conditioning value from the same starting noise.
 `group/` (from `brain-ldm-bids ... group`) holds a table of all images and an HTML report.
 """
 

@@ -21,7 +21,13 @@ import numpy as np
 import pytest
 
 from brain_ldm_nodes import __version__
-from brain_ldm_nodes.derivatives import LOCK_NAME, OutputLock, derive_seed
+from brain_ldm_nodes.derivatives import (
+    LOCK_NAME,
+    LOCKS_DIR_NAME,
+    OutputLock,
+    default_work_dir,
+    derive_seed,
+)
 from brain_ldm_nodes.interfaces import SampleT1w
 from brain_ldm_nodes.model_cache import get_model
 from brain_ldm_nodes.report import TSV_COLUMNS
@@ -286,7 +292,7 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_first_completes(
     args = ["participant", "--model", str(tiny_model), "--num-inference-steps", str(STEPS)]
     first = subprocess.Popen([str(CONSOLE_SCRIPT), str(dataset), str(out), *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=console_env())
-    lock, deadline = out / LOCK_NAME, time.monotonic() + 120
+    lock, deadline = out / LOCKS_DIR_NAME / "sub-01.lock", time.monotonic() + 120
     while not (lock.exists() and lock.read_text().startswith("pid")):
         assert first.poll() is None and time.monotonic() < deadline
         time.sleep(0.005)
@@ -327,14 +333,16 @@ def test_a_failing_image_is_reported_and_the_others_are_written(
     out = tmp_path / "out"
     done = participant(dataset, out, tiny_model)
     assert done.code == 1
+    work = default_work_dir(out, ["01", "02", "03"])
+    assert work.parent == out / ".brain-ldm-bids-work"
     assert done.err_lines == [f"brain-ldm-bids: error: 1 of 3 images failed (reasons above; "
-                              f"crash files in {out / '.brain-ldm-bids-work' / 'crash'})"]
+                              f"crash files in {work / 'crash'})"]
     assert "failed sub-02 image 1/1: RuntimeError: simulated out-of-memory" in done.out
     assert "sub-02 image 1/1 done" not in done.out and "[2/3] sub-03 image 1/1 done" in done.out
     assert "Traceback" not in done.out + done.err
     assert sorted(p.name for p in out.glob("sub-*/anat/*.json")) == [
         "sub-01_desc-synthetic_T1w.json", "sub-03_desc-synthetic_T1w.json"]
-    assert list((out / ".brain-ldm-bids-work" / "crash").glob("crash-*.txt"))
+    assert list((work / "crash").glob("crash-*.txt"))
 
     monkeypatch.setattr(SampleT1w, "_run_interface", real_run)
     again = participant(dataset, out, tiny_model)  # the re-run makes only what is missing

@@ -18,6 +18,9 @@ as a BIDS derivative dataset: sub-<label>/anat/sub-<label>_desc-synthetic_T1w.ni
 (with --n-samples N > 1: sub-<label>_run-<1..N>_desc-synthetic_T1w). Re-runs skip images that
 are complete and match the request. The 'group' level summarises output_dir: group/images.tsv
 (every image with its conditioning) and group/report.html (slice mosaics per subject).
+With --counterfactual, the participant level makes counterfactuals of each participant's real
+T1w images instead (DDIM inversion under its own demographics, regeneration under edited ones);
+--sweep adds images that vary one conditioning value from the same noise (strips in the report).
 """
 
 EPILOG = """\
@@ -26,9 +29,15 @@ examples:
   brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm participant --participant-label 01 02 \\
       --n-samples 3 --seed 7 --nprocs 2
   brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm group
+  # counterfactuals of every real T1w, 10 years older, and an age sweep from the same noise:
+  brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm participant \
+      --counterfactual age=+10 --sweep age=50:80:10
+  # synthetic images plus, per participant, sex F and M from one seed:
+  brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm participant --sweep sex=F,M
 
 environment:
-  BRAIN_LDM_MODEL      default for --model
+  BRAIN_LDM_MODEL      default for --model (BRAIN_LDM_MODEL_REVISION: its --revision)
+  BRAIN_LDM_COMPILATION_CACHE  default for --compilation-cache-dir
   HF_HUB_OFFLINE       1 unless set: Hub models come from the local Hugging Face cache only
   HF_HOME, HF_HUB_CACHE  where that cache is
 
@@ -109,6 +118,26 @@ def _json_object(value: str) -> dict:
     return data
 
 
+def _edit(value: str):
+    """One ``--counterfactual`` edit (``brain_ldm_nodes.edits.parse_edit``)."""
+    from ..edits import EditError, parse_edit
+
+    try:
+        return parse_edit(value, argument="")
+    except EditError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+
+
+def _sweep(value: str):
+    """One ``--sweep`` (``brain_ldm_nodes.edits.parse_sweep``)."""
+    from ..edits import EditError, parse_sweep
+
+    try:
+        return parse_sweep(value, argument="")
+    except EditError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+
+
 def _memory_gb(value: str) -> float:
     text = value.strip().upper().removesuffix("B")
     scale = 1.0
@@ -165,11 +194,36 @@ def get_parser() -> argparse.ArgumentParser:
     model.add_argument("--num-inference-steps", type=_positive_int, default=50,
                        help="DDIM steps (default 50, as upstream)")
 
+    edits = parser.add_argument_group(
+        "counterfactuals and sweeps",
+        "EDIT and SWEEP values: age in years (age=75; signed = relative to the participant's\n"
+        "own: age=+10, age=-5), sex F/M/0/1 (the model's 0 = female, 1 = male; flip for\n"
+        "--counterfactual), ventricular_volume and brain_volume normalised (=0.6, or signed\n"
+        "=+0.1). Results outside [0, 1] follow the policy's out_of_range (--demographics-config).",
+    )
+    edits.add_argument("--counterfactual", nargs="*", type=_edit, metavar="EDIT",
+                       help="instead of synthetic images, make counterfactuals of each "
+                            "participant's real T1w images (every session and run): encode, "
+                            "invert the DDIM trajectory under the participant's own demographics, "
+                            "sample forward with the EDITs applied (all together, one per field), "
+                            "e.g. age=+10 sex=flip -> <source>_desc-counterfactual_T1w; the "
+                            "sidecar records the source, both conditionings and the "
+                            "reconstruction error. No EDIT: only the --sweep images")
+    edits.add_argument("--sweep", nargs="+", type=_sweep, metavar="SWEEP",
+                       help="conditioning sweeps, each FIELD=START:STOP:STEP (inclusive) or "
+                            "FIELD=V1,V2,..., e.g. age=50:80:5, age=-10:+10:5, sex=F,M: one image "
+                            "per value from the same starting noise (synthetic: the seed of the "
+                            "participant's image 1, desc-syntheticSweep<Field><Value>; with "
+                            "--counterfactual: each real T1w's inverted noise, "
+                            "desc-counterfactualSweep<Field><Value>); the other values stay the "
+                            "participant's own. The group level draws one strip per sweep")
+
     execution = parser.add_argument_group("execution")
     execution.add_argument("-w", "--work-dir", type=Path,
                            help="Nipype working directory (default: "
-                                "output_dir/.brain-ldm-bids-work, removed after a run without "
-                                "failures)")
+                                "output_dir/.brain-ldm-bids-work/<run>, one per set of "
+                                "participants, removed after a run without failures; on a "
+                                "cluster, a node-local or scratch folder is faster)")
     execution.add_argument("--nprocs", "--n-cpus", "--nthreads", type=_positive_int,
                            help="images sampled in parallel with the MultiProc plugin (default "
                                 "1: the Linear plugin; JAX already uses every core within one "
@@ -184,6 +238,13 @@ def get_parser() -> argparse.ArgumentParser:
                            help="plugin arguments as a JSON object or a JSON file, passed to "
                                 "Nipype over the defaults (MultiProc: n_procs, memory_gb, "
                                 "mp_context=forkserver)")
+
+    execution.add_argument("--compilation-cache-dir", metavar="DIR|none", default=None,
+                           help="JAX's persistent compilation cache, shared by every job: only "
+                                "the first process compiles (default: "
+                                "$BRAIN_LDM_COMPILATION_CACHE, else $JAX_COMPILATION_CACHE_DIR, "
+                                "else ~/.cache/brain-ldm-nodes/jax; 'none' disables it). On a "
+                                "cluster, a folder on a file system all nodes share")
 
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="more output: -v lists every image and Nipype's node log; -vv also "

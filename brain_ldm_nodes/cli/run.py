@@ -17,7 +17,7 @@ import sys
 import time
 import traceback
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +178,27 @@ def _hub_offline() -> bool:
     return os.environ["HF_HUB_OFFLINE"].strip().lower() in {"1", "on", "yes", "true"}
 
 
+def _compilation_cache_dir(args) -> Path | None:
+    """--compilation-cache-dir (``none`` disables), else the environment's or the default."""
+    from ..compilation_cache import DISABLED, default_compilation_cache_dir
+
+    value = getattr(args, "compilation_cache_dir", None)
+    if value is None:
+        folder, named_by = default_compilation_cache_dir(), "the default compilation cache"
+    elif value.strip().lower() in DISABLED:
+        return None
+    else:
+        folder, named_by = Path(value).expanduser(), "--compilation-cache-dir"
+    if folder is None:
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{named_by} {folder}: cannot create it ({exc.strerror or exc}); "
+                         "accepted: a folder you can write to, or 'none'") from None
+    return folder.resolve()
+
+
 def available_plugins() -> list[str]:
     """Nipype execution plugins by the names ``Workflow.run(plugin=...)`` accepts."""
     from nipype.pipeline import plugins
@@ -205,6 +226,12 @@ def _plugin_settings(args) -> tuple[str, dict[str, Any]]:
     elif args.nprocs and args.nprocs > 1 and name == "Linear":
         log.info("note: --nprocs %d is ignored by the Linear plugin", args.nprocs)
     plugin_args.update(args.plugin_args or {})
+    if name in {"SLURM", "SLURMGraph", "SGE", "SGEGraph", "PBS", "PBSGraph", "LSF", "OAR"}:
+        # Nipype's batch plugins name jobs after $LOGNAME, which containers and CI shells
+        # may lack (a KeyError deep in the plugin otherwise).
+        import getpass
+
+        os.environ.setdefault("LOGNAME", getpass.getuser())
     return name, plugin_args
 
 
@@ -234,30 +261,39 @@ class Progress:
     def __post_init__(self) -> None:
         self._by_stem = {request.stem: request for request in self.requests}
 
-    def _request_of(self, node) -> tuple[Any, str] | None:
-        from ..interfaces import PublishDerivative, SampleT1w
+    def _requests_of(self, node) -> tuple[list[Any], str]:
+        """The requests a node works on (a counterfactual node: several) and its kind."""
+        from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, SampleT1w
 
         interface = node.interface
         if isinstance(interface, SampleT1w):
-            stem, kind = node.inputs.out_prefix, "sample"
+            stems, kind = [node.inputs.out_prefix], "sample"
+        elif isinstance(interface, CounterfactualSeriesT1w):
+            stems, kind = list(node.inputs.out_prefixes), "sample"
         elif isinstance(interface, PublishDerivative):
-            stem, kind = Path(node.inputs.out_file).name[: -len(".nii.gz")], "publish"
+            stems, kind = [Path(node.inputs.out_file).name[: -len(".nii.gz")]], "publish"
         else:
-            return None
-        request = self._by_stem.get(stem)
-        return None if request is None else (request, kind)
+            return [], ""
+        return [self._by_stem[stem] for stem in stems if stem in self._by_stem], kind
 
     def __call__(self, node, status: str) -> None:
-        found = self._request_of(node)
-        if found is None:
+        requests, kind = self._requests_of(node)
+        if not requests:
             return
-        request, kind = found
-        stem = request.stem
         if kind == "sample" and status == "start":
-            self._starts[stem] = time.monotonic()
-            log.info("%s (seed %d): sampling, %d DDIM steps", request.title, request.seed,
-                     request.num_inference_steps)
-        elif kind == "publish" and status == "end":
+            for request in requests:
+                self._starts[request.stem] = time.monotonic()
+            log.info("%s", requests[0].start_message)
+        elif status == "exception":
+            for request in requests:
+                self.failures[request.stem] = _node_failure(node)
+            log.info("%s FAILED: %s", requests[0].title, self.failures[requests[0].stem])
+        else:
+            self._progress(requests[0], kind, status)
+
+    def _progress(self, request, kind: str, status: str) -> None:
+        stem = request.stem
+        if kind == "publish" and status == "end":
             if stem in self.failures:  # Linear reports "end" for the nodes it skips
                 return
             self.written.append(stem)
@@ -269,9 +305,6 @@ class Progress:
             log.info("[%d/%d] %s done in %s (%s per step): %s%s", done, total, request.title,
                      _duration(took), _duration(per_step), request.relative_path,
                      f"; about {_duration(eta)} left" if done < total else "")
-        elif status == "exception":
-            self.failures[stem] = _node_failure(node)
-            log.info("%s FAILED: %s", request.title, self.failures[stem])
 
 
 def _node_failure(node) -> str:
@@ -300,41 +333,99 @@ def _source_description(layout) -> dict[str, Any]:
     return dict(description) if isinstance(description, dict) else {}
 
 
-def _write_conditioning_files(table, folder: Path) -> dict[str, Path]:
-    """One conditioning JSON per usable participant, rewritten only if it changed (so
-    Nipype's hashes, and its cache in a kept work folder, stay valid)."""
+def _write_conditioning_files(table, folder: Path, requests: Sequence[Any]) -> dict[str, Path]:
+    """One conditioning JSON per key of the requests' ``conditionings()`` (a participant's
+    own: ``sub-<label>``; a sweep point or counterfactual target: its image's stem),
+    rewritten only if it changed (so Nipype's hashes, and its cache in a kept work folder,
+    stay valid)."""
     import json
 
     from ..provenance import conditioning_document, write_conditioning
 
+    wanted = {}
+    for request in requests:
+        wanted.update(request.conditionings())
     files = {}
-    for participant in table.usable:
-        path = folder / f"sub-{participant.label}_conditioning.json"
-        document = json.loads(json.dumps(
-            conditioning_document(participant.conditioning, table.policy)))
+    for key, conditioning in wanted.items():
+        path = folder / f"{key}_conditioning.json"
+        document = json.loads(json.dumps(conditioning_document(conditioning, table.policy)))
         try:
             current = json.loads(path.read_text(encoding="utf-8"))
         except (OSError, ValueError):
             current = None
         if current != document:
-            write_conditioning(participant.conditioning, path, table.policy)
-        files[participant.label] = path
+            write_conditioning(conditioning, path, table.policy)
+        files[key] = path
     return files
+
+
+def _edits_and_sweeps(args, policy) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+    """``--counterfactual`` edits and ``--sweep`` sweeps, checked together and against the
+    demographics policy (absolute values outside [0, 1] under out_of_range 'error')."""
+    from ..demographics import Conditioning, DemographicsPolicy
+    from ..edits import EditError, apply_edits
+
+    policy = policy or DemographicsPolicy()
+    edits, sweeps = tuple(args.counterfactual or ()), tuple(args.sweep or ())
+    for flag, items in (("--counterfactual", [e.field for e in edits]),
+                        ("--sweep", [s.field for s in sweeps])):
+        repeated = sorted({name for name in items if items.count(name) > 1})
+        if repeated:
+            raise UsageError(f"{flag}: {repeated[0]} is given twice (accepted: one "
+                             f"{'edit' if flag == '--counterfactual' else 'sweep'} per field)")
+    if args.counterfactual is not None and not edits and not sweeps:
+        raise UsageError("--counterfactual needs at least one EDIT (e.g. age=+10), or --sweep "
+                         "for counterfactual sweeps only")
+    if args.counterfactual is not None and args.n_samples > 1:
+        raise UsageError(f"--n-samples {args.n_samples} applies to synthetic images; "
+                         "--counterfactual makes one image per real T1w and edit (accepted: "
+                         "drop --n-samples, or run the synthetic images separately)")
+    neutral = Conditioning((0.5, 0.5, 0.5, 0.5))
+    checks = [("--counterfactual", edit.spec, edit) for edit in edits]
+    checks += [("--sweep", sweep.text, value) for sweep in sweeps for value in sweep.values]
+    for flag, given, value in checks:
+        if value.kind != "absolute":
+            continue  # relative values depend on the participant: checked per participant
+        try:
+            apply_edits(neutral, [value], policy)
+        except EditError as exc:
+            raise UsageError(f"{flag} {given}: {exc}") from None
+    return edits, sweeps
+
+
+def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list[str]]:
+    """The images this run should have: synthetic (and synthetic sweeps), or counterfactuals
+    of every real T1w (and counterfactual sweeps); with notes on what is left out."""
+    from ..bids import find_t1w_images
+    from ..derivatives import plan_counterfactuals, plan_images, plan_sweeps
+
+    steps = args.num_inference_steps
+    if args.counterfactual is not None:
+        sources = {p.label: find_t1w_images(layout, p.label) for p in table.usable}
+        return plan_counterfactuals(table, sources, bids_dir=args.bids_dir, edits=edits,
+                                    sweeps=sweeps, num_inference_steps=steps, model=identity)
+    requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
+                           num_inference_steps=steps, model=identity)
+    swept, notes = plan_sweeps(table, sweeps, base_seed=args.seed, num_inference_steps=steps,
+                               model=identity)
+    return requests + swept, notes
 
 
 def run_participant_level(args) -> int:
     from ..bids import BidsConfig, BidsDatasetError, load_layout, read_participants
+    from ..compilation_cache import use_compilation_cache
     from ..derivatives import (
-        DEFAULT_WORK_DIR_NAME,
-        OutputLock,
+        ParticipantLocks,
         assess,
         check_locations,
         dataset_description,
-        plan_images,
+        default_work_dir,
         prepare_output_dir,
+        raw_dataset_link,
         read_own_description,
         refresh_sidecar,
         remove_stale_temporaries,
+        remove_stale_top_level_temporaries,
         write_dataset_files,
     )
 
@@ -348,10 +439,14 @@ def run_participant_level(args) -> int:
             log.info("note: -w %s is inside output_dir; the BIDS validator will report it "
                      "unless its name starts with '.' or it is listed in .bidsignore", work_dir)
     model_name, named_by = _model_name(args)
+    if named_by == "BRAIN_LDM_MODEL" and args.revision is None:  # e.g. a container's model
+        args.revision = os.environ.get("BRAIN_LDM_MODEL_REVISION", "").strip() or None
     plugin, plugin_args = _plugin_settings(args)
+    compilation_cache = _compilation_cache_dir(args)
     log.info("%s %s: participant level; %s -> %s", PROG, __version__, bids_dir, output_dir)
 
     config = BidsConfig.from_json(args.demographics_config) if args.demographics_config else None
+    edits, sweeps = _edits_and_sweeps(args, config.policy if config else None)
     layout = load_layout(bids_dir, validate=not args.skip_bids_validation)
     table = read_participants(
         bids_dir, config, participant_labels=args.participant_label, layout=layout
@@ -381,14 +476,25 @@ def run_participant_level(args) -> int:
 
     read_own_description(output_dir)  # refuse another dataset before writing anything
     output_dir = prepare_output_dir(output_dir)
-    with OutputLock(output_dir):
-        existing = read_own_description(output_dir)
-        for path in remove_stale_temporaries(output_dir):
+    labels = [participant.label for participant in table.usable]
+    # Runs on other participants (e.g. SLURM array tasks) may work in output_dir meanwhile.
+    with ParticipantLocks(output_dir, labels) as locks:
+        with locks.dataset_files():
+            existing = read_own_description(output_dir)
+            stale = remove_stale_top_level_temporaries(output_dir)
+            source = _source_description(layout)
+            link = (raw_dataset_link(source, bids_dir, output_dir)
+                    if args.counterfactual is not None else None)
+            write_dataset_files(output_dir, dataset_description(source, raw_link=link),
+                                existing)
+        for path in [*stale, *remove_stale_temporaries(output_dir, labels)]:
             log.info("removed %s (left by an interrupted run)", path.relative_to(output_dir))
-        write_dataset_files(output_dir, dataset_description(_source_description(layout)),
-                            existing)
-        requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
-                               num_inference_steps=args.num_inference_steps, model=identity)
+        requests, notes = _plan(args, table, layout, identity, edits, sweeps)
+        for note in notes:
+            log.info("note: %s", note)
+        if not requests:
+            raise BidsDatasetError("no image to make: every requested image was left out "
+                                   "(each one's reason is printed above)")
         to_make, refreshed, complete = [], [], []
         for request in requests:
             assessment = assess(request, output_dir)
@@ -407,10 +513,13 @@ def run_participant_level(args) -> int:
                  len(table), len(table.skipped), len(requests), len(complete), len(to_make))
 
         failures: dict[str, str] = {}
-        work = work_dir or output_dir / DEFAULT_WORK_DIR_NAME
+        work = work_dir or default_work_dir(output_dir, labels)
         if to_make:
-            failures = _run_workflow(args, to_make, table, identity, output_dir, work,
-                                     plugin, plugin_args)
+            with use_compilation_cache(compilation_cache) as cache:
+                if cache is not None:
+                    log.info("compilation cache: %s", cache)
+                failures = _run_workflow(args, to_make, table, identity, output_dir, work,
+                                         plugin, plugin_args)
         _print_summary(table, len(to_make) - len(failures), complete, refreshed, failures,
                        to_make)
         if failures:
@@ -418,6 +527,8 @@ def run_participant_level(args) -> int:
                                 f"crash files in {work / 'crash'})")
         if work_dir is None and work.exists():
             shutil.rmtree(work, ignore_errors=True)
+            with suppress(OSError):  # the shared parent, once no other run uses it
+                work.parent.rmdir()
     return 0
 
 
@@ -427,7 +538,7 @@ def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
     from ..derivatives import assess
     from ..workflows.bids import ImageByImageLinearPlugin, init_brain_ldm_bids_wf
 
-    conditioning_files = _write_conditioning_files(table, work / "conditioning")
+    conditioning_files = _write_conditioning_files(table, work / "conditioning", requests)
     workflow = init_brain_ldm_bids_wf(
         requests=requests, conditioning_files=conditioning_files, output_dir=output_dir,
         revision=args.revision, mem_gb=_node_mem_gb(identity.image_shape),

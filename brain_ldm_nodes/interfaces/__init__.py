@@ -7,11 +7,12 @@ Nipype (the top-level package does not).
 
 from .autoencoder import VAEDecode, VAEEncode
 from .conditioning import NormaliseDemographics
-from .counterfactual import CounterfactualT1w
+from .counterfactual import CounterfactualSeriesT1w, CounterfactualT1w
 from .derivatives import PublishDerivative
 from .sampling import SampleT1w
 
 __all__ = [
+    "CounterfactualSeriesT1w",
     "CounterfactualT1w",
     "NormaliseDemographics",
     "PublishDerivative",

@@ -1,4 +1,5 @@
-"""A real T1w + two conditionings → its counterfactual T1w (DDIM inversion), and a sidecar."""
+"""A real T1w + two conditionings → its counterfactual T1w (DDIM inversion), and a sidecar;
+or + several target conditionings → several counterfactuals from one inversion (sweeps)."""
 
 from __future__ import annotations
 
@@ -160,4 +161,105 @@ class CounterfactualT1w(SimpleInterface):
             num_inference_steps=steps, image_shape=data.shape, error=error,
         )
         self._results["out_sidecar"] = str(write_json(sidecar, f"{stem}.json"))
+        return runtime
+
+
+class _CounterfactualSeriesT1wInputSpec(BaseInterfaceInputSpec):
+    in_file = _CounterfactualT1wInputSpec.class_traits()["in_file"]
+    conform = _CounterfactualT1wInputSpec.class_traits()["conform"]
+    conditioning_from_file = File(
+        exists=True, mandatory=True,
+        desc=f"the subject's own conditioning, used for the inversion: {_FILE_DESC}",
+    )
+    conditioning_to_files = traits.List(
+        File(exists=True), minlen=1, mandatory=True,
+        desc=f"one conditioning JSON per output image, sampled forward from the same inverted "
+        f"noise: {_FILE_DESC}",
+    )
+    num_inference_steps = _CounterfactualT1wInputSpec.class_traits()["num_inference_steps"]
+    model = model_trait()
+    revision = revision_trait()
+    out_prefixes = traits.List(
+        traits.Str, minlen=1, mandatory=True,
+        desc="one file name stem per conditioning_to_files entry, in the same order: "
+        "<prefix>.nii.gz and <prefix>.json in the node's working directory",
+    )
+
+
+class _CounterfactualSeriesT1wOutputSpec(TraitedSpec):
+    out_files = traits.List(
+        File(exists=True),
+        desc="one counterfactual T1w per target, in input order: 3-D float32 NIfTI, 1 mm LAS, "
+        "centred affine, intensities ~[0, 1]",
+    )
+    out_sidecars = traits.List(
+        File(exists=True),
+        desc="one JSON sidecar per target (as CounterfactualT1w's; the reconstruction error is "
+        "the same in all, it belongs to the shared inversion)",
+    )
+    out_reconstruction = _CounterfactualT1wOutputSpec.class_traits()["out_reconstruction"]
+    out_noise = _CounterfactualT1wOutputSpec.class_traits()["out_noise"]
+
+
+class CounterfactualSeriesT1w(SimpleInterface):
+    """Several counterfactuals of one real T1w from one DDIM inversion
+    (:func:`brain_ldm_nodes.inversion.counterfactual_series`), e.g. a conditioning sweep.
+
+    Image k equals ``CounterfactualT1w`` with ``conditioning_to_file = conditioning_to_files[k]``
+    bitwise, at the cost of one inversion for all of them.
+    """
+
+    input_spec = _CounterfactualSeriesT1wInputSpec
+    output_spec = _CounterfactualSeriesT1wOutputSpec
+
+    def _run_interface(self, runtime):
+        from ..inversion import counterfactual_series
+        from .sampling import progress_log
+
+        prefixes = list(self.inputs.out_prefixes)
+        if len(prefixes) != len(self.inputs.conditioning_to_files):
+            raise ValueError(
+                f"out_prefixes has {len(prefixes)} entries, conditioning_to_files "
+                f"{len(self.inputs.conditioning_to_files)}: one prefix per target expected"
+            )
+        own = read_conditioning(self.inputs.conditioning_from_file)
+        targets = [read_conditioning(path) for path in self.inputs.conditioning_to_files]
+        model = cached_model(self.inputs)
+        image = load_t1w(self.inputs.in_file)
+        if self.inputs.conform:
+            conformed, preparation = conform_t1w(image, shape=model.image_shape)
+            data = np.asarray(conformed.dataobj, dtype=np.float32)
+        else:
+            data, preparation = as_is_encoder_input(image, model.image_multiple)
+        steps = self.inputs.num_inference_steps
+        every, name = max(1, steps // 5), Path(self.inputs.in_file).name
+
+        def progress(stage: str, step: int, total: int) -> None:
+            if step == total or step % every == 0:
+                progress_log.info("%s: %s, DDIM step %d/%d", name, stage, step, total)
+
+        progress_log.info("%s: DDIM inversion, %d steps", name, steps)
+        series = counterfactual_series(
+            model, data, own.as_array(), np.stack([t.as_array() for t in targets]),
+            num_inference_steps=steps, progress=progress,
+        )
+        error = reconstruction_error(series.reconstruction, data, series.reconstructed_latent,
+                                     series.latent)
+        cwd = Path(runtime.cwd)
+        self._results["out_reconstruction"] = str(save_t1w(
+            series.reconstruction, cwd / "reconstruction.nii.gz",
+            description="Brain LDM DDIM-inversion reconstruction"))
+        self._results["out_noise"] = str(save_latent(series.noise, cwd / "noise.nii.gz"))
+        files, sidecars = [], []
+        for prefix, target, edited in zip(prefixes, targets, series.edited):
+            files.append(str(save_t1w(edited, cwd / f"{prefix}.nii.gz",
+                                      description="Brain LDM counterfactual T1w")))
+            sidecar = counterfactual_sidecar(
+                model, in_file=self.inputs.in_file, preparation=preparation,
+                conditioning_from=own, conditioning_to=target, num_inference_steps=steps,
+                image_shape=data.shape, error=error,
+            )
+            sidecars.append(str(write_json(sidecar, cwd / f"{prefix}.json")))
+        self._results["out_files"] = files
+        self._results["out_sidecars"] = sidecars
         return runtime

@@ -1,24 +1,26 @@
-"""The BIDS App's workflow: one sampling node and one publishing node per requested image."""
+"""The BIDS App's workflow: per requested image a publishing node, fed by a sampling node
+(synthetic images and sweeps) or by one counterfactual node per real T1w (its counterfactuals
+and counterfactual sweep share one DDIM inversion)."""
 
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping, Sequence
-from itertools import groupby
 from pathlib import Path
 
 import networkx as nx
 from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
-from ..derivatives import ImageRequest, software_versions_text
-from ..interfaces import PublishDerivative, SampleT1w
+from ..derivatives import CounterfactualRequest, ImageRequest, software_versions_text
+from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, SampleT1w
 from .synthesis import FULL_SIZE_MEM_GB
 
 
 def init_brain_ldm_bids_wf(
     *,
-    requests: Sequence[ImageRequest],
+    requests: Sequence[ImageRequest | CounterfactualRequest],
     conditioning_files: Mapping[str, str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
@@ -30,6 +32,8 @@ def init_brain_ldm_bids_wf(
     Workflow graph (one sub-workflow per participant)::
 
         single_subject_<label>_wf:  sample_t1w_<n> → ds_t1w_<n>    for each requested image n
+                                    sample_<stem> → ds_<stem>      for each synthetic sweep image
+                                    counterfactual_<source> → ds_<stem>   for each real T1w
 
     The model is each request's ``model.model`` (a bundle folder or Hub repo id), loaded once
     per process by the model cache. Nothing flows in or out: the publishing nodes write the
@@ -42,8 +46,9 @@ def init_brain_ldm_bids_wf(
         The images to make (:func:`brain_ldm_nodes.derivatives.plan_images`, usually only
         those :func:`~brain_ldm_nodes.derivatives.assess` found missing or outdated).
     conditioning_files
-        Participant label -> conditioning JSON
-        (:func:`brain_ldm_nodes.provenance.write_conditioning`), the sampler's input.
+        Conditioning key -> conditioning JSON
+        (:func:`brain_ldm_nodes.provenance.write_conditioning`): every key of every request's
+        ``conditionings()``.
     output_dir
         The derivative dataset's root (absolute).
     revision
@@ -56,10 +61,13 @@ def init_brain_ldm_bids_wf(
     if not requests:
         raise ValueError("no images requested: there is nothing to build a workflow for")
     workflow = pe.Workflow(name=name)
-    for label, group in groupby(requests, key=lambda request: request.label):
+    by_label: dict[str, list[ImageRequest | CounterfactualRequest]] = {}
+    for request in requests:  # in the order given, whatever the kinds' interleaving
+        by_label.setdefault(request.label, []).append(request)
+    for label, group in by_label.items():
         subject_wf = init_single_subject_wf(
-            requests=list(group),
-            conditioning_file=conditioning_files[label],
+            requests=group,
+            conditioning_files=conditioning_files,
             output_dir=output_dir,
             revision=revision,
             mem_gb=mem_gb,
@@ -71,8 +79,8 @@ def init_brain_ldm_bids_wf(
 
 def init_single_subject_wf(
     *,
-    requests: Sequence[ImageRequest],
-    conditioning_file: str | os.PathLike[str],
+    requests: Sequence[ImageRequest | CounterfactualRequest],
+    conditioning_files: Mapping[str, str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
     mem_gb: float = FULL_SIZE_MEM_GB,
@@ -87,6 +95,12 @@ def init_single_subject_wf(
     (:meth:`ImageRequest.extra_metadata`; ``SoftwareVersions`` as the string BIDS requires).
     Publishers always run (``overwrite=True``): the
     decision to (re)write an image is taken before the workflow is built.
+
+    Synthetic sweep images get ``sample_<stem>`` / ``ds_<stem>`` nodes (``stem`` with ``-``
+    as ``_``). Counterfactual requests of one real T1w share one
+    ``counterfactual_<source entities>`` node (:class:`CounterfactualSeriesT1w`: one
+    inversion, one forward pass per image), each image with its own ``ds_<stem>``; the
+    sidecar's ``Sources`` becomes the ``bids:raw:`` URI of the source.
     """
     workflow = pe.Workflow(name=name)
     labels = {request.label for request in requests}
@@ -94,17 +108,21 @@ def init_single_subject_wf(
         raise ValueError(f"requests of one participant expected, got {sorted(labels)}")
     root = Path(output_dir)
     versions = software_versions_text()
+    series: dict[str, list[CounterfactualRequest]] = {}
     for request in requests:
-        number = request.index + 1
+        if isinstance(request, CounterfactualRequest):
+            series.setdefault(request.source_group, []).append(request)
+            continue
+        number = request.index + 1 if request.sweep is None else _node_name(request.stem)
         sample = pe.Node(
             SampleT1w(
-                conditioning_file=str(conditioning_file),
+                conditioning_file=str(conditioning_files[request.conditioning_key]),
                 seed=request.seed,
                 num_inference_steps=request.num_inference_steps,
                 model=request.model.model,
                 out_prefix=request.stem,
             ),
-            name=f"sample_t1w_{number}",
+            name=f"sample_t1w_{number}" if request.sweep is None else f"sample_{number}",
             mem_gb=mem_gb,
         )
         if revision is not None:
@@ -114,7 +132,7 @@ def init_single_subject_wf(
                 out_file=str(root / request.relative_path),
                 metadata={**request.extra_metadata(), "SoftwareVersions": versions},
             ),
-            name=f"ds_t1w_{number}",
+            name=f"ds_t1w_{number}" if request.sweep is None else f"ds_{number}",
             overwrite=True,
             # A file copy in the main process. No processor or memory claimed, so MultiProc
             # publishes each image when it is sampled, not after every sampler has run.
@@ -128,7 +146,52 @@ def init_single_subject_wf(
                                ("out_sidecar", "in_sidecar")]),
         ])
         # fmt: on
+    for source_group, members in series.items():
+        first = members[0]
+        counterfactual = pe.Node(
+            CounterfactualSeriesT1w(
+                in_file=str(first.source),
+                conditioning_from_file=str(
+                    conditioning_files[first.participant.participant_id]),
+                conditioning_to_files=[str(conditioning_files[r.stem]) for r in members],
+                num_inference_steps=first.num_inference_steps,
+                model=first.model.model,
+                out_prefixes=[r.stem for r in members],
+            ),
+            name=f"counterfactual_{_node_name(source_group)}",
+            mem_gb=mem_gb,
+        )
+        if revision is not None:
+            counterfactual.inputs.revision = revision
+        for index, request in enumerate(members):
+            publish = pe.Node(
+                PublishDerivative(
+                    out_file=str(root / request.relative_path),
+                    metadata={**request.extra_metadata(), "SoftwareVersions": versions},
+                ),
+                name=f"ds_{_node_name(request.stem)}",
+                overwrite=True,
+                run_without_submitting=True,
+                n_procs=0,
+                mem_gb=0.0,
+            )
+            # fmt: off
+            workflow.connect([
+                (counterfactual, publish, [(("out_files", _pick, index), "in_file"),
+                                           (("out_sidecars", _pick, index), "in_sidecar")]),
+            ])
+            # fmt: on
     return workflow
+
+
+def _pick(items, index):
+    """``items[index]`` (a connection function: Nipype runs its source, so no globals)."""
+    return items[index]
+
+
+def _node_name(stem: str) -> str:
+    """A Nipype node name from a BIDS stem (letters, digits and ``_``)."""
+    return re.sub(r"\W", "_", stem)
 
 
 class ImageByImageLinearPlugin(LinearPlugin):
