@@ -182,8 +182,8 @@ def get_parser() -> argparse.ArgumentParser:
     model = parser.add_argument_group("model and sampling")
     model.add_argument("--model", default=None,
                        help="brain_ldm.1 bundle: a local folder (from brain-ldm-convert) or a "
-                            "Hugging Face Hub repo id in the local cache "
-                            "(default: $BRAIN_LDM_MODEL)")
+                            "Hugging Face Hub repo id in the local cache (put there by "
+                            "brain-ldm-fetch) (default: $BRAIN_LDM_MODEL)")
     model.add_argument("--revision",
                        help="Hub revision (branch, tag or commit) of --model; ignored for folders")
     model.add_argument("--seed", type=_non_negative_int, default=0,
