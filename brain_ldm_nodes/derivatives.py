@@ -227,18 +227,6 @@ class ModelIdentity:
         return int(self.scheduler["num_train_timesteps"])
 
 
-def software_versions_text() -> str:
-    """The BIDS ``SoftwareVersions`` value (a string): ``"brain_ldm_nodes 0.1.0, jax ..."``.
-
-    :func:`~brain_ldm_nodes.provenance.synthesis_sidecar` records the versions as an object,
-    which the BIDS validator refuses for this key (JSON_SCHEMA_VALIDATION_ERROR).
-    """
-    from .provenance import software_versions
-
-    return ", ".join(f"{name} {version or 'not installed'}"
-                     for name, version in software_versions().items())
-
-
 # --------------------------------------------------------------------------- requests
 
 

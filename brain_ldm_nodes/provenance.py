@@ -64,6 +64,13 @@ def software_versions(packages: Sequence[str] = SOFTWARE) -> dict[str, str | Non
     return versions
 
 
+def software_versions_text() -> str:
+    """The BIDS ``SoftwareVersions`` value, a string: ``"brain_ldm_nodes 0.1.0, jax 0.10.2, …"``
+    (BIDS refuses an object there; sidecars keep the mapping as ``SoftwarePackages``)."""
+    return ", ".join(f"{name} {version or 'not installed'}"
+                     for name, version in software_versions().items())
+
+
 def grid_convention(shape: Sequence[int], voxel_size_mm: float = 1.0) -> dict[str, Any]:
     """The voxel grid of an image written by this package: shape, LAS, voxel size, affine."""
     shape = [int(size) for size in shape]
@@ -188,7 +195,8 @@ def synthesis_sidecar(
         "Model": _model_provenance(model),
         "Intensity": INTENSITY_NOTE,
         "Grid": grid_convention(shape),
-        "SoftwareVersions": software_versions(),
+        "SoftwareVersions": software_versions_text(),
+        "SoftwarePackages": software_versions(),
     }
 
 
@@ -206,7 +214,8 @@ def decode_sidecar(
         "Model": _model_provenance(model),
         "Intensity": INTENSITY_NOTE,
         "Grid": grid_convention(image_shape),
-        "SoftwareVersions": software_versions(),
+        "SoftwareVersions": software_versions_text(),
+        "SoftwarePackages": software_versions(),
     }
 
 
@@ -227,7 +236,8 @@ def encode_report(
         "Latent": "z_mu, the posterior mean (deterministic encoding); z_sigma alongside",
         "LatentSigmaRange": [float(sigma.min()), float(sigma.max())],
         "Model": _model_provenance(model),
-        "SoftwareVersions": software_versions(),
+        "SoftwareVersions": software_versions_text(),
+        "SoftwarePackages": software_versions(),
     }
 
 
@@ -317,7 +327,8 @@ def counterfactual_sidecar(
         "Model": _model_provenance(model),
         "Intensity": INTENSITY_NOTE,
         "Grid": grid_convention(shape),
-        "SoftwareVersions": software_versions(),
+        "SoftwareVersions": software_versions_text(),
+        "SoftwarePackages": software_versions(),
     }
 
 

@@ -104,7 +104,8 @@ def test_same_conditioning_from_files_gives_the_reconstruction_and_a_full_sideca
     assert sidecar["Sampler"]["NumInferenceSteps"] == STEPS
     assert sidecar["Sampler"]["Scheduler"] == get_model(tiny_model).scheduler.to_dict()
     assert sidecar["Model"]["Source"] == json.loads(json.dumps(get_model(tiny_model).source))
-    assert set(sidecar["SoftwareVersions"]) == set(SOFTWARE)
+    assert set(sidecar["SoftwarePackages"]) == set(SOFTWARE)
+    assert isinstance(sidecar["SoftwareVersions"], str)  # BIDS wants a string
     assert sidecar["Grid"]["Shape"] == list(SHAPE)
     assert sidecar["Preparation"]["source_shape"] == [20, 18, 12]
 

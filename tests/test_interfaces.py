@@ -24,6 +24,7 @@ from brain_ldm_nodes.imaging import conform_t1w, load_latent, load_t1w, model_af
 from brain_ldm_nodes.interfaces import NormaliseDemographics, SampleT1w, VAEDecode, VAEEncode
 from brain_ldm_nodes.model_cache import get_model
 from brain_ldm_nodes.pipeline import BrainLDM
+from brain_ldm_nodes import __version__
 from brain_ldm_nodes.provenance import SOFTWARE
 
 REPO = Path(__file__).resolve().parents[1]
@@ -173,8 +174,9 @@ def test_sample_t1w_sidecar_records_seed_steps_model_versions_and_grid(tmp_path,
     assert sidecar["Sampler"]["Scheduler"] == model.scheduler.to_dict()
     config = json.loads((Path(tiny_model) / "config.json").read_text())
     assert sidecar["Model"]["Source"]["model"]["weights_sha256"] == config["weights_sha256"]
-    assert set(sidecar["SoftwareVersions"]) == set(SOFTWARE)
-    assert all(sidecar["SoftwareVersions"].values())
+    assert set(sidecar["SoftwarePackages"]) == set(SOFTWARE)
+    assert all(sidecar["SoftwarePackages"].values())
+    assert sidecar["SoftwareVersions"].startswith(f"brain_ldm_nodes {__version__}, jax ")
     grid = sidecar["Grid"]
     assert grid["Orientation"] == "LAS" and grid["VoxelSizeMM"] == 1.0
     assert grid["Shape"] == list(SHAPE)

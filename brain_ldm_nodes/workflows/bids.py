@@ -13,7 +13,7 @@ import networkx as nx
 from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
-from ..derivatives import CounterfactualRequest, ImageRequest, software_versions_text
+from ..derivatives import CounterfactualRequest, ImageRequest
 from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, SampleT1w
 from .synthesis import FULL_SIZE_MEM_GB
 
@@ -92,7 +92,7 @@ def init_single_subject_wf(
     The sampler writes ``<stem>.nii.gz`` + ``<stem>.json`` in its node folder (``stem`` the
     image's BIDS name, e.g. ``sub-01_run-2_desc-synthetic_T1w``); the publisher copies them to
     ``output_dir/sub-<label>/anat/`` and adds the request's BIDS metadata
-    (:meth:`ImageRequest.extra_metadata`; ``SoftwareVersions`` as the string BIDS requires).
+    (:meth:`ImageRequest.extra_metadata`).
     Publishers always run (``overwrite=True``): the
     decision to (re)write an image is taken before the workflow is built.
 
@@ -107,7 +107,6 @@ def init_single_subject_wf(
     if len(labels) != 1:
         raise ValueError(f"requests of one participant expected, got {sorted(labels)}")
     root = Path(output_dir)
-    versions = software_versions_text()
     series: dict[str, list[CounterfactualRequest]] = {}
     for request in requests:
         if isinstance(request, CounterfactualRequest):
@@ -130,7 +129,7 @@ def init_single_subject_wf(
         publish = pe.Node(
             PublishDerivative(
                 out_file=str(root / request.relative_path),
-                metadata={**request.extra_metadata(), "SoftwareVersions": versions},
+                metadata=request.extra_metadata(),
             ),
             name=f"ds_t1w_{number}" if request.sweep is None else f"ds_{number}",
             overwrite=True,
@@ -167,7 +166,7 @@ def init_single_subject_wf(
             publish = pe.Node(
                 PublishDerivative(
                     out_file=str(root / request.relative_path),
-                    metadata={**request.extra_metadata(), "SoftwareVersions": versions},
+                    metadata=request.extra_metadata(),
                 ),
                 name=f"ds_{_node_name(request.stem)}",
                 overwrite=True,
