@@ -48,10 +48,11 @@ from bids.layout import BIDSLayout
 
 from .demographics import (
     CONDITIONING_ORDER,
-    MISSING_TOKENS,
     Conditioning,
     DemographicsError,
     DemographicsPolicy,
+    canonical_code,
+    is_missing,
     normalise_demographics,
     parse_sex,
 )
@@ -468,16 +469,6 @@ def _index_rows(
 # --------------------------------------------------------------------------- sex codes
 
 
-def _code_key(value: str) -> str:
-    """A sex code as DemographicsPolicy compares it: trimmed, lower-case, "2.0" as "2"."""
-    text = value.strip().lower()
-    return str(int(float(text))) if _INTEGRAL_RE.match(text) else text
-
-
-def _is_missing(cell: str | None) -> bool:
-    return cell is None or cell.strip().lower() in MISSING_TOKENS
-
-
 def _column_metadata(metadata: Mapping[str, Any], column: str) -> Mapping[str, Any]:
     """participants.json entry for ``column`` (exact name first, then as columns compare)."""
     entry = metadata.get(column)
@@ -512,9 +503,9 @@ def _sex_codes_from_levels(
         except DemographicsError:
             value = None
         if value is None:
-            unrecognised[_code_key(str(code))] = description
+            unrecognised[canonical_code(str(code))] = description
         else:
-            described[_code_key(str(code))] = value
+            described[canonical_code(str(code))] = value
     if not described and not any(code in policy.sex_codes for code in unrecognised):
         shown = ", ".join(f"{code!r} = {text!r}" for code, text in unrecognised.items())
         raise BidsDatasetError(
@@ -537,7 +528,7 @@ def _check_numeric_sex(
     policy: DemographicsPolicy, column: str, cells: list[str], path: Path
 ) -> None:
     """Refuse a sex column of numbers none of which the policy (or Levels) maps."""
-    present = sorted({_code_key(cell) for cell in cells if not _is_missing(cell)})
+    present = sorted({canonical_code(cell) for cell in cells if not is_missing(cell)})
     if not present or not all(_INTEGRAL_RE.match(code) for code in present):
         return
     if any(code in policy.sex_codes for code in present):
@@ -837,7 +828,7 @@ class _Reader:
             column = f"column '{self.header[index]}'"
             if cell and f"'{cell}'" not in detail:
                 column += f" ('{cell}')"
-            description = self.unrecognised_levels.get(_code_key(cell)) if cell else None
+            description = self.unrecognised_levels.get(canonical_code(cell)) if cell else None
             if field_name == "sex" and description is not None:
                 detail += (
                     f"; {self.json_name} Levels describe '{cell}' as '{description}', which "

@@ -81,7 +81,8 @@ class DemographicsError(ValueError):
 # --------------------------------------------------------------------------- helpers
 
 
-def _is_missing(value: object) -> bool:
+def is_missing(value: object) -> bool:
+    """``None``, NaN, or a missing-value token (``n/a``, ``NA``, empty, ...; any case)."""
     if value is None:
         return True
     if isinstance(value, float) and math.isnan(value):
@@ -91,7 +92,7 @@ def _is_missing(value: object) -> bool:
     return isinstance(value, str) and value.strip().lower() in MISSING_TOKENS
 
 
-def _canonical_code(value: object) -> str:
+def canonical_code(value: object) -> str:
     """Lower-case, stripped text; integral numbers as "1" whether given as 1, 1.0 or "1.0"."""
     text = str(value).strip().lower()
     try:
@@ -198,7 +199,7 @@ class DemographicsPolicy:
         if not isinstance(self.sex_codes, Mapping) or not self.sex_codes:
             raise DemographicsError("sex_codes: expected a non-empty mapping of code -> 0..1")
         for key, value in self.sex_codes.items():
-            code = _canonical_code(key)
+            code = canonical_code(key)
             number = _as_float(f"sex_codes[{key!r}]", value, "a number in [0, 1]")
             if not 0.0 <= number <= 1.0:
                 raise DemographicsError(
@@ -327,11 +328,11 @@ def parse_sex(value: object, policy: DemographicsPolicy | None = None) -> float 
     Missing: ``None``, NaN, or text in :data:`MISSING_TOKENS` ("", "n/a", "NaN", ...).
     """
     policy = policy or DemographicsPolicy()
-    if _is_missing(value):
+    if is_missing(value):
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, float, np.number)):
         raise DemographicsError(f"sex: {value!r} is not a sex code ({_accepted_sex(policy)})")
-    code = _canonical_code(value)
+    code = canonical_code(value)
     if code not in policy.sex_codes:
         shown = value.strip() if isinstance(value, str) else _raw_for_record(value)
         raise DemographicsError(f"sex: unknown code '{shown}' ({_accepted_sex(policy)})")
@@ -361,7 +362,7 @@ def parse_age_years(
     Negative, non-finite or non-numeric ages raise :class:`DemographicsError`.
     """
     policy = policy or DemographicsPolicy()
-    if _is_missing(value):
+    if is_missing(value):
         return None
     accepted = "accepted: years as a number, a range like '35-40', or open-ended like '89+'"
     if _is_real_number(value):
@@ -486,7 +487,7 @@ def _normalise_sex(raw: object, policy: DemographicsPolicy) -> tuple[float, dict
         "raw": _raw_for_record(raw),
         "value": value,
         "how": "code",
-        "formula": f"sex_codes[{_canonical_code(raw)!r}] (0 = female, 1 = male)",
+        "formula": f"sex_codes[{canonical_code(raw)!r}] (0 = female, 1 = male)",
         "defaulted": False,
         "clipped": False,
         "extrapolated": False,
@@ -521,7 +522,7 @@ def _normalise_age(raw: object, policy: DemographicsPolicy) -> tuple[float, dict
 def _normalise_volume(
     name: str, raw: object, policy: DemographicsPolicy
 ) -> tuple[float, dict[str, Any]]:
-    if _is_missing(raw):
+    if is_missing(raw):
         return _defaulted(name, raw, policy)
     number = _as_float(name, raw, "a volume (mm^3, or already normalised to [0, 1])")
     if number < 0:
