@@ -223,6 +223,11 @@ class ModelIdentity:
         )
 
     @property
+    def checksum(self) -> str:
+        """``'<U-Net sha256>:<autoencoder sha256>'``: the nodes' ``model_checksum``."""
+        return f"{self.unet_sha256}:{self.vae_sha256}"
+
+    @property
     def num_train_timesteps(self) -> int:
         return int(self.scheduler["num_train_timesteps"])
 

@@ -340,3 +340,23 @@ def test_vae_decode_node_equals_library_decode_as_3d_float32_las(tmp_path, tiny_
     assert sidecar["Synthetic"] is True
     assert sidecar["Sources"] == [encoded.out_latent]
     assert sidecar["Grid"]["Shape"] == list(SHAPE)
+
+
+def test_model_checksum_is_part_of_the_hash_and_must_match_the_weights(tmp_path, tiny_model):
+    """A bundle re-converted in place keeps its folder name: only model_checksum tells Nipype."""
+    from brain_ldm_nodes.derivatives import ModelIdentity
+
+    checksum = ModelIdentity.resolve(tiny_model).checksum
+    unet_sha256, vae_sha256 = checksum.split(":")
+    assert json.loads((Path(tiny_model) / "config.json").read_text())["weights_sha256"] == \
+        unet_sha256
+    common = dict(conditioning=[0.0, 0.1, 0.2, 0.4], seed=3, num_inference_steps=STEPS,
+                  model=tiny_model)
+    stale = f"{'0' * 64}:{vae_sha256}"
+    right, wrong = SampleT1w(**common, model_checksum=checksum), SampleT1w(**common,
+                                                                         model_checksum=stale)
+    assert right.inputs.get_hashval()[1] != wrong.inputs.get_hashval()[1]
+    assert right.inputs.get_hashval()[1] != SampleT1w(**common).inputs.get_hashval()[1]
+    assert Path(run_node(right, tmp_path, name="right").out_file).exists()
+    with pytest.raises(Exception, match=f"its weights are {checksum}, not model_checksum {stale}"):
+        run_node(wrong, tmp_path, name="wrong")

@@ -23,7 +23,34 @@ def revision_trait() -> traits.Str:
     )
 
 
+def model_checksum_trait() -> traits.Str:
+    return traits.Str(
+        desc="the weights behind `model`, '<U-Net sha256>:<autoencoder sha256>' as the bundles' "
+        "config.json give them (brain_ldm_nodes.derivatives.ModelIdentity.checksum). Optional: "
+        "when given it is part of Nipype's hash, so the node runs again if those weights change "
+        "(a bundle re-converted in place), and it must match the loaded model",
+    )
+
+
+def model_checksum(model: BrainLDM) -> str | None:
+    """``'<U-Net sha256>:<autoencoder sha256>'`` of a model loaded from bundles, else ``None``."""
+    try:
+        return f"{model.source['model']['weights_sha256']}:{model.source['vae']['weights_sha256']}"
+    except (KeyError, TypeError):
+        return None
+
+
 def cached_model(inputs: object) -> BrainLDM:
-    """The interface's model from the per-process cache (``inputs.model``, ``inputs.revision``)."""
+    """The interface's model from the per-process cache (``inputs.model``, ``inputs.revision``),
+    checked against ``inputs.model_checksum`` when that is given."""
     revision = inputs.revision if isdefined(inputs.revision) else None
-    return get_model(inputs.model, revision)
+    model = get_model(inputs.model, revision)
+    expected = getattr(inputs, "model_checksum", None)
+    if isdefined(expected) and expected is not None:
+        actual = model_checksum(model)
+        if actual != expected:
+            raise ValueError(
+                f"model {inputs.model}: its weights are {actual}, not model_checksum {expected} "
+                "(the bundle changed after the workflow was built; build it again)"
+            )
+    return model

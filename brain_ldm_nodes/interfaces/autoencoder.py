@@ -26,7 +26,7 @@ from ..imaging import (
     write_json,
 )
 from ..provenance import decode_sidecar, encode_report
-from ._common import cached_model, model_trait, revision_trait
+from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
 
 
 def as_is_encoder_input(
@@ -77,6 +77,7 @@ class _VAEEncodeInputSpec(BaseInterfaceInputSpec):
     )
     model = model_trait()
     revision = revision_trait()
+    model_checksum = model_checksum_trait()
 
 
 class _VAEEncodeOutputSpec(TraitedSpec):
@@ -134,6 +135,7 @@ class _VAEDecodeInputSpec(BaseInterfaceInputSpec):
     )
     model = model_trait()
     revision = revision_trait()
+    model_checksum = model_checksum_trait()
     out_prefix = traits.Str(
         "decoded_T1w", usedefault=True,
         desc="file name stem in the node's working directory: <out_prefix>.nii.gz and .json",

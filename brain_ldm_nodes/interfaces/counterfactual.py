@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 from ..demographics import Conditioning
 from ..imaging import conform_t1w, load_t1w, save_latent, save_t1w, write_json
 from ..provenance import counterfactual_sidecar, read_conditioning, reconstruction_error
-from ._common import cached_model, model_trait, revision_trait
+from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
 from .autoencoder import as_is_encoder_input
 
 _FROM_XOR = ["conditioning_from", "conditioning_from_file"]  # exactly one of them
@@ -69,6 +69,7 @@ class _CounterfactualT1wInputSpec(BaseInterfaceInputSpec):
     )
     model = model_trait()
     revision = revision_trait()
+    model_checksum = model_checksum_trait()
     out_prefix = traits.Str(
         "counterfactual_T1w", usedefault=True,
         desc="file name stem in the node's working directory: <out_prefix>.nii.gz and .json, "
@@ -179,6 +180,7 @@ class _CounterfactualSeriesT1wInputSpec(BaseInterfaceInputSpec):
     num_inference_steps = _CounterfactualT1wInputSpec.class_traits()["num_inference_steps"]
     model = model_trait()
     revision = revision_trait()
+    model_checksum = model_checksum_trait()
     out_prefixes = traits.List(
         traits.Str, minlen=1, mandatory=True,
         desc="one file name stem per conditioning_to_files entry, in the same order: "

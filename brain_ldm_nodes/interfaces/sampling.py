@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 from ..demographics import Conditioning
 from ..imaging import save_t1w, write_json
 from ..provenance import read_conditioning, synthesis_sidecar
-from ._common import cached_model, model_trait, revision_trait
+from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
 
 #: Largest seed: JAX's threefry keys hold 32 bits (larger seeds would silently wrap around).
 MAX_SEED = 2**32 - 1
@@ -49,6 +49,7 @@ class _SampleT1wInputSpec(BaseInterfaceInputSpec):
     )
     model = model_trait()
     revision = revision_trait()
+    model_checksum = model_checksum_trait()
     image_shape = traits.Tuple(
         traits.Int, traits.Int, traits.Int,
         desc="output grid (D, H, W) in 1 mm voxels, each a positive multiple of the model's "
