@@ -105,6 +105,33 @@ def test_nipype_slurm_plugin_gives_the_bytes_of_a_local_run(tmp_path, tiny_model
     assert time.monotonic() - started < JOB_TIMEOUT_S
 
 
+def test_slurmgraph_submits_every_job_and_a_rerun_finds_the_bytes_of_a_local_run(
+    tmp_path, tiny_model, local_run, cluster_env
+):
+    """Nipype's SLURMGraph plugin submits the whole graph (with job dependencies) and returns;
+    the jobs publish the images; running the command again checks them."""
+    dataset, local = local_run
+    out, work = tmp_path / "out", tmp_path / "work"
+    common = [dataset, out, "participant", "--model", tiny_model, "--num-inference-steps", STEPS,
+              "-w", work]
+    plugin_args = {"sbatch_args": f"--time=10 {' '.join(SMALL_TASK)}"}
+    done = console(*common, "--plugin", "SLURMGraph", "--plugin-args", json.dumps(plugin_args),
+                   env=cluster_env)
+    assert done.code == 0, done.err + done.out[-2000:]
+    assert "submitted 3 images as SLURMGraph jobs" in done.out
+    assert (work / "brain_ldm_bids_wf" / "batch" / "submit_jobs.sh").exists()
+    sidecars = [out / f"sub-{label}" / "anat" / f"sub-{label}_desc-synthetic_T1w.json"
+                for label in ("01", "02", "03")]
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not all(path.exists() for path in sidecars):  # written last, after the image
+        assert time.monotonic() < deadline, sorted(p.name for p in out.rglob("*"))
+        time.sleep(1)
+    assert tree(out) == tree(local)
+    again = console(*common, env=cluster_env)
+    assert again.code == 0, again.err
+    assert "3 already complete, 0 to sample" in again.out
+
+
 def test_sbatch_job_array_one_participant_per_task_gives_the_bytes_of_a_local_run(
     tmp_path, tiny_model, local_run, cluster_env
 ):

@@ -233,7 +233,9 @@ def get_parser() -> argparse.ArgumentParser:
                                 "90%% of the machine's)")
     execution.add_argument("--plugin", default=None,
                            help="Nipype execution plugin: Linear, MultiProc, SLURM, SLURMGraph, … "
-                                "(default: MultiProc if --nprocs > 1, else Linear)")
+                                "(default: MultiProc if --nprocs > 1, else Linear). SLURM waits "
+                                "for its jobs; SLURMGraph submits them all and returns (run the "
+                                "command again later to check and complete)")
     execution.add_argument("--plugin-args", type=_json_object, default=None, metavar="JSON",
                            help="plugin arguments as a JSON object or a JSON file, passed to "
                                 "Nipype over the defaults (MultiProc: n_procs, memory_gb, "

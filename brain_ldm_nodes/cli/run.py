@@ -512,7 +512,7 @@ def run_participant_level(args) -> int:
         log.info("%d participants, %d skipped; %d images: %d already complete, %d to sample",
                  len(table), len(table.skipped), len(requests), len(complete), len(to_make))
 
-        failures: dict[str, str] = {}
+        failures: dict[str, str] | None = {}
         work = work_dir or default_work_dir(output_dir, labels)
         if to_make:
             with use_compilation_cache(compilation_cache) as cache:
@@ -520,6 +520,12 @@ def run_participant_level(args) -> int:
                     log.info("compilation cache: %s", cache)
                 failures = _run_workflow(args, to_make, table, identity, output_dir, work,
                                          plugin, plugin_args)
+        if failures is None:  # a graph plugin submitted every job and returned
+            log.info("submitted %d images as %s jobs, which publish into %s themselves; when "
+                     "they have finished, run the same command again (any plugin): it reports "
+                     "what is complete and redoes what failed. Work folder (kept for the jobs): "
+                     "%s", len(to_make), plugin, output_dir, work)
+            return 0
         _print_summary(table, len(to_make) - len(failures), complete, refreshed, failures,
                        to_make)
         if failures:
@@ -533,8 +539,9 @@ def run_participant_level(args) -> int:
 
 
 def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
-                  plugin: str, plugin_args: dict[str, Any]) -> dict[str, str]:
-    """Build and run the workflow; returns ``{stem: reason}`` of the images that failed."""
+                  plugin: str, plugin_args: dict[str, Any]) -> dict[str, str] | None:
+    """Build and run the workflow; returns ``{stem: reason}`` of the images that failed, or
+    ``None`` when a graph plugin (SLURMGraph, ...) has submitted the jobs without waiting."""
     from ..derivatives import assess
     from ..workflows.bids import ImageByImageLinearPlugin, init_brain_ldm_bids_wf
 
@@ -563,6 +570,11 @@ def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
             workflow.run(plugin=runner, plugin_args=arguments)
     except Exception as exc:  # node failures are reported per image below
         error = exc
+    if plugin.endswith("Graph"):
+        if error is not None:
+            raise _FailedImages(f"the {plugin} plugin could not submit the jobs: "
+                                f"{_one_line(error)}")
+        return None
     failures = {}
     for request in requests:
         if assess(request, output_dir).action != "complete":
