@@ -13,7 +13,6 @@ For every input ``<stem>[_T1w].nii[.gz]`` writes into ``DIR``: ``<stem>_desc-rec
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from nipype.interfaces import io as nio
@@ -21,7 +20,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from brain_ldm_nodes.workflows import init_encode_decode_wf
-from brain_ldm_nodes.workflows.execution import last_line, plugin_settings
+from brain_ldm_nodes.workflows.execution import run_workflow
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -85,17 +84,8 @@ def substitutions(t1w: str) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    workflow = build_workflow(args)
-    workflow.config["execution"].update(
-        poll_sleep_duration=0.2,  # MultiProc polls every 2 s by default
-        crashdump_dir=workflow.base_dir,
-    )
-    try:
-        workflow.run(**plugin_settings(args.nprocs))
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"reconstruct_t1w: {last_line(exc)}", file=sys.stderr)
+    if not run_workflow(build_workflow(args), nprocs=args.nprocs, prog="reconstruct_t1w",
+                        debug=args.debug):
         return 1
     print(f"wrote reconstructions of {len(args.t1w)} images to {args.out}")
     return 0

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import sys
 from pathlib import Path
 
 from nipype.interfaces import io as nio
@@ -24,7 +23,7 @@ from nipype.pipeline import engine as pe
 
 from brain_ldm_nodes.demographics import CONDITIONING_ORDER
 from brain_ldm_nodes.workflows import init_synthesis_wf
-from brain_ldm_nodes.workflows.execution import last_line, plugin_settings
+from brain_ldm_nodes.workflows.execution import run_workflow
 
 #: participant_id, sex, age (years), ventricular_volume, brain_volume (normalised, [0, 1])
 DEMO_COHORT = [
@@ -118,17 +117,8 @@ def build_workflow(args: argparse.Namespace) -> pe.Workflow:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_parser().parse_args(argv)
-    workflow = build_workflow(args)
-    workflow.config["execution"].update(
-        poll_sleep_duration=0.2,  # MultiProc polls every 2 s by default
-        crashdump_dir=workflow.base_dir,
-    )
-    try:
-        workflow.run(**plugin_settings(args.nprocs))
-    except Exception as exc:
-        if args.debug:
-            raise
-        print(f"synthesise_cohort: {last_line(exc)}", file=sys.stderr)
+    if not run_workflow(build_workflow(args), nprocs=args.nprocs, prog="synthesise_cohort",
+                        debug=args.debug):
         return 1
     print(f"wrote {len(read_cohort(args.participants)) * len(args.seeds)} images to {args.out}")
     return 0

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import sys
+
+from nipype.pipeline import engine as pe
+
 
 def plugin_settings(nprocs: int) -> dict:
     """Linear in this process, or MultiProc whose workers start by forkserver (JAX is
@@ -16,3 +20,20 @@ def last_line(exc: BaseException) -> str:
     first as its cause) or its traceback as text (MultiProc), whose last line is the error."""
     lines = str(exc.__cause__ or exc).strip().splitlines()
     return lines[-1].strip() if lines else type(exc).__name__
+
+
+def run_workflow(workflow: pe.Workflow, *, nprocs: int, prog: str, debug: bool = False) -> bool:
+    """Run ``workflow`` (crash files in its ``base_dir``); on failure print ``prog: <error>``
+    on stderr in one line (re-raise with ``debug``) and return False."""
+    workflow.config["execution"].update(
+        poll_sleep_duration=0.2,  # MultiProc polls every 2 s by default
+        crashdump_dir=workflow.base_dir,
+    )
+    try:
+        workflow.run(**plugin_settings(nprocs))
+    except Exception as exc:
+        if debug:
+            raise
+        print(f"{prog}: {last_line(exc)}", file=sys.stderr)
+        return False
+    return True
