@@ -10,8 +10,16 @@ process so that its peak RSS is its own; each reports min/median over ``--repeat
 go to ``bench/results/benchmark.{json,md}`` (or ``--out``).
 
 Figures: U-Net step at the 20×28×20 latent, VAE decode to 160×224×160, a full sample
-(``--steps`` DDIM steps + decode), first-call compile time with and without JAX's persistent
-compilation cache, and ``from_pretrained`` from a warm cache. Needs the ``[test]`` extra.
+(``--steps`` DDIM steps + decode), compile time, and ``from_pretrained`` from a warm cache.
+Needs the ``[test]`` extra.
+
+Compile time is measured three times, each in a fresh process: without JAX's persistent
+compilation cache, with an empty cache (cold) and with the cache the cold run filled (warm).
+Each run reports (a) the DDIM step — ``jax.jit(step).lower(...)`` and ``.compile()`` timed
+separately, nothing executed — and (b) decode — the sum of JAX's own compile-event durations
+(tracing, lowering to MLIR, XLA compilation or persistent-cache retrieval, from
+``jax.monitoring``) during the first ``BrainLDM.decode`` call, i.e. compile time alone although
+the call also runs — and the first step call (compile + run) as before.
 """
 
 from __future__ import annotations
@@ -102,6 +110,25 @@ def _monai_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict
     return result
 
 
+#: jax.monitoring events whose durations add up to compile time (dispatch.py in jax 0.10).
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+
+
+def _compile_clock() -> dict:
+    """Seconds spent compiling since this call, by event (updated live)."""
+    import jax
+
+    totals = {event: 0.0 for event in COMPILE_EVENTS}
+
+    def listener(event: str, duration: float, **_: object) -> None:
+        if event in totals:
+            totals[event] += duration
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    return totals
+
+
 def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
     import jax
     import jax.numpy as jnp
@@ -109,8 +136,9 @@ def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
     if figure == "compile_cached":
         jax.config.update("jax_compilation_cache_dir", str(workdir / "jax-cache"))
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     from brain_ldm_nodes import BrainLDM
-    from brain_ldm_nodes.pipeline import _ddim_loop, _decode
+    from brain_ldm_nodes.pipeline import _ddim_loop
     from brain_ldm_nodes.scheduler import ddim_tables
 
     result: dict = {"jax": jax.__version__, "devices": str(jax.devices())}
@@ -131,19 +159,35 @@ def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
             x = jnp.concatenate([z, jnp.broadcast_to(cond[:, :, None, None, None], (1, 4, *z.shape[2:]))], axis=1)
             return jax.vmap(unet)(x, jnp.array([500]), cond[:, None, :])
 
+        if figure != "unet":  # compile alone: the DDIM step, lowered and compiled, not run
+            params, static = eqx.partition(model.unet, eqx.is_array)
+            pure_step = jax.jit(lambda params, z, cond: step(eqx.combine(params, static), z, cond))
+            start = time.perf_counter()
+            lowered = pure_step.lower(params, z, cond)
+            result["step_lower_s"] = time.perf_counter() - start
+            start = time.perf_counter()
+            lowered.compile()
+            result["step_compile_s"] = time.perf_counter() - start
         start = time.perf_counter()
         step(model.unet, z, cond).block_until_ready()
         result["first_call_s"] = time.perf_counter() - start
         if figure == "unet":
             result.update(_timed(lambda: step(model.unet, z, cond).block_until_ready(), repeats))
+        else:
+            clock = _compile_clock()
+            start = time.perf_counter()
+            model.decode(z).block_until_ready()
+            result["decode_first_call_s"] = time.perf_counter() - start
+            result["decode_compile_s"] = sum(clock.values())
+            result["decode_compile_events_s"] = dict(clock)
     elif figure == "decode":
-        _decode(model.vae, z).block_until_ready()
-        result.update(_timed(lambda: _decode(model.vae, z).block_until_ready(), repeats))
+        model.decode(z).block_until_ready()
+        result.update(_timed(lambda: model.decode(z).block_until_ready(), repeats))
     elif figure == "sample":
         tables = ddim_tables(model.scheduler, steps)
 
         def sample():
-            return _decode(model.vae, _ddim_loop(model.unet, tables, cond, z)).block_until_ready()
+            return model.decode(_ddim_loop(model.unet, tables, cond, z)).block_until_ready()
 
         sample()
         result.update(_timed(sample, repeats))
@@ -212,10 +256,13 @@ def main() -> None:
             import shutil
 
             shutil.rmtree(cache)
+        runs = {"no_cache": run_worker("jax", "compile", args),
+                "cache_cold": run_worker("jax", "compile_cached", args),
+                "cache_warm": run_worker("jax", "compile_cached", args)}
         results["figures"]["compile"] = {
-            "no_cache_first_call_s": run_worker("jax", "compile", args)["first_call_s"],
-            "cache_cold_first_call_s": run_worker("jax", "compile_cached", args)["first_call_s"],
-            "cache_warm_first_call_s": run_worker("jax", "compile_cached", args)["first_call_s"],
+            f"{name}_{key}": run[key] for name, run in runs.items()
+            for key in ("first_call_s", "step_lower_s", "step_compile_s", "decode_compile_s",
+                        "decode_first_call_s")
         }
     if "load" in figures:
         results["figures"]["load"] = run_worker("jax", "load", args)
@@ -239,9 +286,15 @@ def markdown(results: dict) -> str:
                         f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} GiB |")
     compile_ = results["figures"].get("compile")
     if compile_:
-        rows.append(f"| first call (compile + run), no cache / cold cache / warm cache | "
-                    f"{compile_['no_cache_first_call_s']:.1f} / {compile_['cache_cold_first_call_s']:.1f} / "
-                    f"{compile_['cache_warm_first_call_s']:.1f} s | | | |")
+        def triple(key: str) -> str:
+            return " / ".join(f"{compile_[f'{name}_{key}']:.1f}" for name in ("no_cache", "cache_cold", "cache_warm"))
+
+        rows.append(f"| U-Net step first call (compile + run), no cache / cold cache / warm cache | "
+                    f"{triple('first_call_s')} s | | | |")
+        rows.append(f"| DDIM step compile alone (`lower` + `compile`), no cache / cold / warm | "
+                    f"{triple('step_lower_s')} + {triple('step_compile_s')} s | | | |")
+        rows.append(f"| decode compile alone (JAX compile events), no cache / cold / warm | "
+                    f"{triple('decode_compile_s')} s | | | |")
     load = results["figures"].get("load")
     if load:
         rows.append(f"| `from_pretrained`, warm cache | {load['min_s']:.1f} / {load['median_s']:.1f} s | | | |")

@@ -197,8 +197,7 @@ def test_streaming_decode_matches_monai_full_config(full_autoencoders):
     latent = np.random.default_rng(6).standard_normal((3, 4, 5, 3), dtype=np.float32)
     ref_image = reference.decode(torch.from_numpy(latent[None])).numpy()[0]
     for slab in (8, 16):
-        image = eqx.filter_jit(lambda vae, z, slab: decode_streaming(vae, z, slab=slab))(
-            ours, jnp.asarray(latent), slab)
+        image = decode_streaming(ours, jnp.asarray(latent), slab=slab)  # eager: one call per slab
         error = relative_error(image, ref_image)
         print(f"streaming decode, full config, slab {slab}: max relative error {error:.2e}")
         assert error <= TOLERANCE
@@ -214,8 +213,10 @@ def test_streaming_decode_equals_in_memory_decode(num_res_blocks):
     whole = eqx.filter_jit(lambda vae, z: vae.decode(z))(vae, latent)
     depth = whole.shape[1]
     for slab in (2, depth // 2, depth):
-        streamed = eqx.filter_jit(lambda vae, z, slab: decode_streaming(vae, z, slab=slab))(vae, latent, slab)
+        streamed = decode_streaming(vae, latent, slab=slab)  # eager: one compiled call per slab
         assert relative_error(streamed, whole) <= 1e-5
+    traced = eqx.filter_jit(lambda vae, z: decode_streaming(vae, z, slab=4))(vae, latent)
+    assert relative_error(traced, whole) <= 1e-5
 
 
 def test_streaming_decode_rejects_a_slab_that_does_not_divide_the_depth():
@@ -236,9 +237,56 @@ def test_subpixel_upsample_conv_equals_upsample_then_conv():
 
 @pytest.mark.parametrize("shape", [(6, 8, 4), (5, 7, 3)])
 def test_winograd_convolution_equals_direct_convolution(shape):
-    """Winograd F(2,3) (a performance lead, not wired into the networks yet) is exact to ~1e-7."""
+    """Winograd F(2,3) (``layers.conv_implementation("winograd")``) is exact to ~1e-7."""
     from brain_ldm_nodes.models.layers import Conv3d, conv3x3x3_winograd, winograd_weights
 
     conv = Conv3d(16, 8, 3, key=jax.random.key(0))
     x = jax.random.normal(jax.random.key(1), (16, *shape))
     assert relative_error(conv3x3x3_winograd(x, winograd_weights(conv.weight), conv.bias), conv(x)) <= 1e-6
+
+
+@pytest.mark.parametrize("implementation", ["auto", "planes", "matmul", "winograd"])
+@pytest.mark.parametrize(("kernel", "stride", "padding", "shape"), [
+    (3, 1, ((1, 1),) * 3, (5, 7, 3)),  # the networks' 3×3×3 convolutions (odd sizes: edges)
+    (3, 2, ((0, 1),) * 3, (6, 8, 4)),  # the autoencoder's Downsample
+    (3, 2, ((1, 1),) * 3, (6, 8, 4)),  # a strided convolution with symmetric padding
+    (2, 1, ((1, 1),) * 3, (5, 6, 3)),  # the sub-pixel upsampling kernels
+    (3, 1, ((0, 0), (1, 1), (1, 1)), (6, 5, 4)),  # a slab with its halo (streaming decode)
+    (1, 1, ((0, 0),) * 3, (4, 5, 6)),  # 1×1×1 shortcuts and projections
+])
+def test_every_convolution_implementation_equals_xla(implementation, kernel, stride, padding, shape):
+    """Each way ``conv3d`` can evaluate a convolution equals one ``lax.conv_general_dilated``
+    up to float32 summation order (≈ 1e-7 relative); a wrong tap order, padding or stride gives
+    errors of order 1."""
+    from brain_ldm_nodes.models import layers
+
+    weight = jax.random.normal(jax.random.key(0), (8, 16, kernel, kernel, kernel))
+    bias = jax.random.normal(jax.random.key(1), (8,))
+    x = jax.random.normal(jax.random.key(2), (16, *shape))
+    with layers.conv_implementation("xla"):
+        reference = jax.jit(lambda x: layers.conv3d(x, weight, bias, stride=stride, padding=padding))(x)
+    with layers.conv_implementation(implementation):
+        out = jax.jit(lambda x: layers.conv3d(x, weight, bias, stride=stride, padding=padding))(x)
+    assert out.shape == reference.shape
+    assert relative_error(out, reference) <= 2e-6
+
+
+def test_winograd_networks_equal_the_default_ones():
+    """The whole (small) autoencoder and U-Net with Winograd 3×3×3 convolutions stay within the
+    parity tolerance of the default ones (measured ≈ 3e-5: Winograd's transforms round more,
+    ≈ 5e-7 per convolution, and GroupNorm amplifies it in random networks)."""
+    from brain_ldm_nodes.models import layers
+
+    vae = AutoencoderKL(AutoencoderKLConfig(channels=(32, 32), num_res_blocks=(1, 1)), key=jax.random.key(1))
+    unet = DiffusionModelUNet(DiffusionModelUNetConfig(channels=(32, 32, 32), num_res_blocks=(1, 1, 1),
+                                                       num_head_channels=(0, 32, 32)), key=jax.random.key(2))
+    latent = jax.random.normal(jax.random.key(3), (3, 4, 6, 4))
+    x = jax.random.normal(jax.random.key(4), (7, 4, 8, 4))
+    context = jax.random.uniform(jax.random.key(5), (1, 4))
+    outputs = {}
+    for name in ("auto", "winograd"):
+        with layers.conv_implementation(name):
+            outputs[name] = (eqx.filter_jit(lambda vae, z: vae.decode(z))(vae, latent),
+                             eqx.filter_jit(lambda unet, x: unet(x, jnp.asarray(500), context))(unet, x))
+    for ours, reference in zip(outputs["winograd"], outputs["auto"]):
+        assert relative_error(ours, reference) <= TOLERANCE

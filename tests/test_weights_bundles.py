@@ -241,6 +241,62 @@ def test_checksum_mismatch_is_refused(converted, tmp_path):
         BrainLDM.from_pretrained(copy / "brain_ldm.1")
 
 
+def test_verified_weights_are_not_hashed_again_until_the_file_changes(converted, tmp_path, monkeypatch):
+    """A verification record skips the sha256 of an unchanged file; any rewrite — even one that
+    keeps size and modification time — is hashed again, and corruption is still refused."""
+    import shutil
+
+    from brain_ldm_nodes.weights import bundle
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    monkeypatch.setenv(bundle.VERIFY_RECORDS_ENV, str(tmp_path / "records"))
+    hashed = []
+    real_sha256 = bundle.sha256_of
+    monkeypatch.setattr(bundle, "sha256_of", lambda path: hashed.append(Path(path).name) or real_sha256(path))
+
+    BrainLDM.from_pretrained(copy / "brain_ldm.1")
+    assert sorted(hashed) == ["autoencoder.safetensors", "unet.safetensors"]
+    assert len(list((tmp_path / "records").glob("*.json"))) == 2
+    hashed.clear()
+    BrainLDM.from_pretrained(copy / "brain_ldm.1")
+    assert hashed == []
+
+    weights = copy / "brain_ldm.1" / "unet.safetensors"
+    status = weights.stat()
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(status.st_atime_ns, status.st_mtime_ns))  # same size and mtime
+    with pytest.raises(BundleError, match=r"unet.safetensors: sha256 [0-9a-f]{64} does not match"):
+        BrainLDM.from_pretrained(copy / "brain_ldm.1")
+    assert hashed == ["unet.safetensors"]
+
+    monkeypatch.setenv(bundle.VERIFY_RECORDS_ENV, "off")
+    hashed.clear()
+    BrainLDM.from_pretrained(converted / "brain_ldm.1")
+    assert sorted(hashed) == ["autoencoder.safetensors", "unet.safetensors"]
+
+
+def test_safetensors_reader_matches_safetensors_and_refuses_bad_files(converted, tmp_path):
+    from safetensors.numpy import load_file
+
+    from brain_ldm_nodes.weights.bundle import read_safetensors
+
+    weights = converted / "brain_ldm.1" / "unet.safetensors"
+    ours, theirs = read_safetensors(weights), load_file(str(weights))
+    assert sorted(ours) == sorted(theirs)
+    for name, array in theirs.items():
+        np.testing.assert_array_equal(ours[name], array)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(weights.read_bytes()[:-4])
+    with pytest.raises(BundleError, match="not a readable safetensors file"):
+        read_safetensors(truncated)
+    (tmp_path / "garbage.safetensors").write_bytes(b"\xff" * 64)
+    with pytest.raises(BundleError, match="not a readable safetensors file"):
+        read_safetensors(tmp_path / "garbage.safetensors")
+
+
 def test_loading_a_vae_bundle_as_the_model_is_a_clear_error(converted):
     with pytest.raises(BundleError, match=r"is a brain_ldm.vae bundle .* needs a brain_ldm.1 bundle"):
         BrainLDM.from_pretrained(converted / "brain_ldm.vae")

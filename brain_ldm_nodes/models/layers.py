@@ -14,7 +14,9 @@ Conventions (all modules in :mod:`brain_ldm_nodes.models`):
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import equinox as eqx
 import jax
@@ -64,15 +66,159 @@ class Conv3d(eqx.Module):
         self.padding = (half, half) if padding is None else tuple(padding)
 
     def __call__(self, x: Volume) -> Volume:
-        out = lax.conv_general_dilated(
-            x[None],
-            self.weight,
-            window_strides=(self.stride,) * 3,
-            padding=(self.padding,) * 3,
-            dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
-            precision=PRECISION,
-        )[0]
-        return out + self.bias[:, None, None, None]
+        return conv3d(x, self.weight, self.bias, stride=self.stride, padding=(self.padding,) * 3)
+
+
+# -- how convolutions are evaluated ---------------------------------------------------------------
+# XLA:CPU evaluates a 3-D convolution with a generic kernel that reaches ≈ 40–110 GFLOP/s on the
+# decoder's and U-Net's shapes, while its 2-D convolutions (channels-last) and matrix products
+# reach ≈ 150–250 GFLOP/s on the same machine (bench/conv_layouts.py). So a k×k×k convolution is
+# written as k 2-D convolutions over the depth planes (batch = depth, NHWC/HWIO), summed; at the
+# U-Net's smallest levels (≤ 10×14×10 voxels, kernels up to 1536×768×27) the cost is reading the kernel,
+# and one matrix product against im2col columns, which reads the kernel in its stored layout,
+# is fastest. Every implementation is exact algebra; they differ by float32 summation order.
+
+#: Implementations of :func:`conv3d`, chosen by :data:`CONV_IMPLEMENTATION` at trace time.
+CONV_IMPLEMENTATIONS = ("auto", "xla", "planes", "matmul", "winograd")
+#: ``"auto"`` (default): 1×1×1 as a matrix product, ``"matmul"`` for volumes of at most
+#: :data:`MATMUL_MAX_VOXELS` voxels and for wide kernels (see :data:`MATMUL_MAX_COLUMNS_BYTES`),
+#: ``"planes"`` otherwise. ``"xla"``: one
+#: ``lax.conv_general_dilated`` (the reference). ``"winograd"``: Winograd F(2,3)
+#: (:func:`conv3x3x3_winograd`) for 3×3×3, stride 1, padding 1, else as ``"auto"``.
+#: Read when a function is traced: change it with :func:`conv_implementation`.
+CONV_IMPLEMENTATION = "auto"
+#: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"``.
+MATMUL_MAX_VOXELS = 2048
+#: ``"auto"`` also uses the matrix product for kernels with ≥ 1024 output channels (the sub-pixel
+#: upsampling kernels: 2·O flops per column entry written, so the product dominates) while the
+#: im2col columns take at most this many bytes.
+MATMUL_MAX_COLUMNS_BYTES = 1 << 30
+
+
+#: dtype that convolution and linear-layer operands are cast to (products accumulate in float32);
+#: ``None``: float32 throughout (the default). Set by :func:`operand_dtype` while tracing.
+OPERAND_DTYPE: jnp.dtype | None = None
+
+
+@contextlib.contextmanager
+def operand_dtype(dtype: str | jnp.dtype | None) -> Iterator[None]:
+    """Trace the enclosed code with convolution and linear-layer operands (activations and
+    weights) cast to ``dtype`` (e.g. ``"bfloat16"``), products accumulated in float32;
+    normalisation, attention softmax and the DDIM update stay float32.
+
+    Does not clear JAX's caches: use it inside a function whose compilation key includes
+    ``dtype`` (the pipeline passes it as a static argument), or clear them yourself.
+    """
+    global OPERAND_DTYPE
+    previous = OPERAND_DTYPE
+    OPERAND_DTYPE = None if dtype is None or jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
+    try:
+        yield
+    finally:
+        OPERAND_DTYPE = previous
+
+
+def _operands(*arrays: Array) -> tuple[Array, ...]:
+    return arrays if OPERAND_DTYPE is None else tuple(a.astype(OPERAND_DTYPE) for a in arrays)
+
+
+@contextlib.contextmanager
+def conv_implementation(name: str) -> Iterator[None]:
+    """Evaluate convolutions traced inside the ``with`` block by ``name`` (one of
+    :data:`CONV_IMPLEMENTATIONS`). JAX caches compiled functions without knowing this
+    setting, so the block clears JAX's caches on entry and exit (for tests and benchmarks)."""
+    global CONV_IMPLEMENTATION
+    if name not in CONV_IMPLEMENTATIONS:
+        raise ValueError(f"unknown convolution implementation {name!r}; one of {CONV_IMPLEMENTATIONS}")
+    previous = CONV_IMPLEMENTATION
+    jax.clear_caches()
+    CONV_IMPLEMENTATION = name
+    try:
+        yield
+    finally:
+        CONV_IMPLEMENTATION = previous
+        jax.clear_caches()
+
+
+Padding = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def conv3d(
+    x: Volume,
+    weight: Float[Array, "out in kd kh kw"],
+    bias: Float[Array, " out"] | None = None,
+    *,
+    stride: int = 1,
+    padding: Padding = ((1, 1),) * 3,
+) -> Volume:
+    """Cross-correlation of one ``(I, D, H, W)`` volume with a ``(O, I, kD, kH, kW)`` kernel
+    (PyTorch's ``conv3d``), zero ``padding`` ``(before, after)`` per spatial axis; → ``(O, D', H', W')``.
+
+    Evaluated as :data:`CONV_IMPLEMENTATION` says (all exact up to float32 rounding).
+    """
+    kernel = weight.shape[2:]
+    voxels = math.prod(x.shape[1:])
+    name = CONV_IMPLEMENTATION
+    if name == "winograd" and not (kernel == (3, 3, 3) and stride == 1 and padding == ((1, 1),) * 3
+                                   and OPERAND_DTYPE is None):
+        name = "auto"
+    x_in, weight_in = _operands(x, weight)
+    if name == "auto":
+        if kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3:
+            out = jnp.einsum("oi,idhw->odhw", weight_in[:, :, 0, 0, 0], x_in, precision=PRECISION,
+                             preferred_element_type=jnp.float32)
+            return out if bias is None else out + bias[:, None, None, None]
+        columns_bytes = 4 * weight.shape[1] * math.prod(kernel) * voxels
+        wide = weight.shape[0] >= 1024 and columns_bytes <= MATMUL_MAX_COLUMNS_BYTES
+        name = "matmul" if voxels <= MATMUL_MAX_VOXELS or wide else "planes"
+    if name == "winograd":
+        return conv3x3x3_winograd(x, winograd_weights(weight), jnp.zeros(weight.shape[0], x.dtype)
+                                  if bias is None else bias)
+    out = {"xla": _conv_xla, "planes": _conv_planes, "matmul": _conv_matmul}[name](x_in, weight_in, stride, padding)
+    return out if bias is None else out + bias[:, None, None, None]
+
+
+def _conv_xla(x: Volume, weight: Array, stride: int, padding: Padding) -> Volume:
+    return lax.conv_general_dilated(
+        x[None], weight, window_strides=(stride,) * 3, padding=padding,
+        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"), precision=PRECISION,
+        preferred_element_type=jnp.float32,
+    )[0]
+
+
+def _conv_planes(x: Volume, weight: Array, stride: int, padding: Padding) -> Volume:
+    """Σ over kernel depth taps i of a 2-D convolution of the depth planes ``s·d + i``."""
+    taps = weight.shape[2]
+    planes = jnp.pad(jnp.transpose(x, (1, 2, 3, 0)), (padding[0], (0, 0), (0, 0), (0, 0)))  # (D, H, W, I)
+    depth_out = (planes.shape[0] - taps) // stride + 1
+    kernel = jnp.transpose(weight, (2, 3, 4, 1, 0))  # (kD, kH, kW, I, O)
+    out = None
+    for i in range(taps):
+        rows = lax.slice_in_dim(planes, i, i + stride * (depth_out - 1) + 1, stride=stride, axis=0)
+        term = lax.conv_general_dilated(
+            rows, kernel[i], window_strides=(stride, stride), padding=padding[1:],
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), precision=PRECISION,
+            preferred_element_type=jnp.float32,
+        )
+        out = term if out is None else out + term
+    return jnp.transpose(out, (3, 0, 1, 2))
+
+
+def _conv_matmul(x: Volume, weight: Array, stride: int, padding: Padding) -> Volume:
+    """One ``(O, I·k³) @ (I·k³, voxels)`` product against im2col columns (the kernel as stored)."""
+    channels_out, channels_in = weight.shape[:2]
+    kernel = weight.shape[2:]
+    padded = jnp.pad(x, ((0, 0),) + tuple(padding))
+    out_shape = tuple((padded.shape[a + 1] - kernel[a]) // stride + 1 for a in range(3))
+    columns = jnp.stack([
+        lax.slice(padded, (0, i, j, k),
+                  (channels_in,) + tuple(o + stride * (n - 1) + 1 for o, n in zip((i, j, k), out_shape)),
+                  (1, stride, stride, stride))
+        for i in range(kernel[0]) for j in range(kernel[1]) for k in range(kernel[2])
+    ], axis=1)  # (I, k³, D', H', W'): the kernel's (I, kD, kH, kW) order
+    out = jnp.dot(weight.reshape(channels_out, -1), columns.reshape(channels_in * math.prod(kernel), -1),
+                  precision=PRECISION, preferred_element_type=jnp.float32)
+    return out.reshape((channels_out,) + out_shape)
 
 
 class Linear(eqx.Module):
@@ -89,7 +235,8 @@ class Linear(eqx.Module):
         self.bias = _uniform(bias_key, (out_features,), in_features) if use_bias else None
 
     def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
-        out = jnp.einsum("...i,oi->...o", x, self.weight, precision=PRECISION)
+        out = jnp.einsum("...i,oi->...o", *_operands(x, self.weight), precision=PRECISION,
+                         preferred_element_type=jnp.float32)
         return out if self.bias is None else out + self.bias
 
 
@@ -176,10 +323,8 @@ def upsample_conv(x: Volume, weight: Float[Array, "out in 3 3 3"], bias: Float[A
     channels_out = weight.shape[0]
     _, depth, height, width = x.shape
     # Window start i-1+a in x ⇔ index i+a of x padded by one voxel on each side.
-    per_parity = lax.conv_general_dilated(
-        x[None], subpixel_weights(weight), window_strides=(1, 1, 1), padding=((1, 1),) * 3,
-        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"), precision=PRECISION,
-    )[0].reshape(2, 2, 2, channels_out, depth + 1, height + 1, width + 1)
+    per_parity = conv3d(x, subpixel_weights(weight), padding=((1, 1),) * 3).reshape(
+        2, 2, 2, channels_out, depth + 1, height + 1, width + 1)
     shifted = jnp.stack([
         per_parity[a, b, c, :, a:a + depth, b:b + height, c:c + width]
         for a in (0, 1) for b in (0, 1) for c in (0, 1)

@@ -3,48 +3,50 @@
 At 160×224×160 the decoder's last stage (Upsample → ResBlocks → GroupNorm → conv_out) works
 on 64–128-channel volumes of 1.5–2.9 GB each; evaluated as written it needs ≈ 10 GB. Here it
 runs slab by slab along the first spatial axis, keeping **one** full-resolution 64-channel
-buffer: GroupNorm statistics are accumulated over slabs (Chan's parallel mean/variance merge)
-in a pass before they are applied, and halos are recomputed, so the result equals the
-in-memory decoder up to float32 rounding. Memory ≈ one full-resolution buffer + a few slabs.
+volume, as a list of slabs: GroupNorm statistics are accumulated over slabs (Chan's parallel
+mean/variance merge) in a pass before they are applied, and halos are recomputed, so the
+result equals the in-memory decoder up to float32 rounding.
 
-Each pass is a ``lax.fori_loop``; the buffer is updated in place (``dynamic_update_slice`` on a
-loop carry), with the original rows a later slab still needs saved in the carry.
+Each pass is a Python loop calling one small compiled function per slab (compiled once: every
+slab has the same shape, its position is an argument). Straight-line compiled code runs XLA's
+convolutions at full speed (inside ``lax.fori_loop`` bodies they run ≈ 30× slower), and a
+pass's input slabs are released as soon as the next slab no longer needs them, so memory stays
+at one full-resolution buffer + the 1/2-resolution input + a few slabs.
 """
 
 from __future__ import annotations
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array
 
 from .autoencoder import AutoencoderKL, ResBlock, Upsample
-from .layers import PRECISION, Conv3d, GroupNorm, subpixel_weights
+from .layers import PRECISION, Conv3d, GroupNorm, conv3d, subpixel_weights
 
-HALO = 2  # rows of zero padding kept around the buffer along the slab axis
+HALO = 2  # rows of zero padding kept around the low-resolution input along the slab axis
+Stats = tuple[Array, Array, Array]
 
 
 class GroupStats:
     """Per-group (count, mean, M2) accumulated slab by slab; merged with Chan et al.'s formula."""
 
     @staticmethod
-    def empty(groups: int) -> tuple[Array, Array, Array]:
+    def empty(groups: int) -> Stats:
         zeros = jnp.zeros((groups,), jnp.float32)
         return zeros, zeros, zeros
 
     @staticmethod
-    def of(x: Array, groups: int, mask: Array) -> tuple[Array, Array, Array]:
-        """Statistics of ``x`` ``(C, rows, H, W)`` over rows where ``mask`` ``(rows,)`` is true."""
-        channels = x.shape[0]
-        grouped = x.reshape(groups, channels // groups, *x.shape[1:])
-        weights = mask.astype(x.dtype)[None, None, :, None, None]
-        count = weights.sum() * (channels // groups) * x.shape[2] * x.shape[3]
-        mean = (grouped * weights).sum(axis=(1, 2, 3, 4)) / count
-        centred = (grouped - mean[:, None, None, None, None]) * weights
-        return jnp.full((groups,), count), mean, jnp.square(centred).sum(axis=(1, 2, 3, 4))
+    def of(x: Array, groups: int) -> Stats:
+        """Statistics of ``x`` ``(C, rows, H, W)``, per group of channels."""
+        grouped = x.reshape(groups, -1)
+        mean = grouped.mean(axis=1)
+        m2 = jnp.square(grouped - mean[:, None]).sum(axis=1)
+        return jnp.full((groups,), grouped.shape[1], jnp.float32), mean, m2
 
     @staticmethod
-    def merge(a: tuple[Array, Array, Array], b: tuple[Array, Array, Array]) -> tuple[Array, Array, Array]:
+    def merge(a: Stats, b: Stats) -> Stats:
         count_a, mean_a, m2_a = a
         count_b, mean_b, m2_b = b
         count = count_a + count_b
@@ -55,7 +57,7 @@ class GroupStats:
         return count, mean, m2
 
 
-def _normalise(x: Array, norm: GroupNorm, stats: tuple[Array, Array, Array]) -> Array:
+def _normalise(x: Array, norm: GroupNorm, stats: Stats) -> Array:
     """``norm(x)`` with precomputed whole-volume statistics."""
     count, mean, m2 = stats
     channels = x.shape[0]
@@ -68,29 +70,21 @@ def _normalise(x: Array, norm: GroupNorm, stats: tuple[Array, Array, Array]) -> 
 def _conv_rows(conv: Conv3d, x: Array) -> Array:
     """``conv`` on rows that already include their halo along axis 1 (no padding there)."""
     half = conv.weight.shape[2] // 2
-    out = lax.conv_general_dilated(
-        x[None], conv.weight, window_strides=(1, 1, 1), padding=((0, 0), (half, half), (half, half)),
-        dimension_numbers=("NCDHW", "OIDHW", "NCDHW"), precision=PRECISION,
-    )[0]
-    return out + conv.bias[:, None, None, None]
+    return conv3d(x, conv.weight, conv.bias, padding=((0, 0), (half, half), (half, half)))
 
 
-def _upsample_rows(upsample: Upsample, low: Array, first_row: Array, rows: int) -> Array:
-    """Full-resolution rows ``[first_row, first_row + rows)`` of ``upsample(low)``.
+def _upsample_rows(weight: Array, bias: Array, low: Array, first_row: Array, rows: int) -> Array:
+    """Full-resolution rows ``[first_row, first_row + rows)`` of ``conv3x3x3(up2(low))`` (the
+    :class:`Upsample` whose ``postconv`` has ``weight``, ``bias``).
 
     ``low`` is the low-resolution input padded with ``HALO`` zero rows on each side of axis 1;
     ``first_row`` must be even (it may be negative: rows outside the volume are computed from
     the zero padding and masked by the caller).
     """
-    weight, bias = upsample.postconv.weight, upsample.postconv.bias
     low_rows = rows // 2
     # output rows 2i+a (i = first_row/2 …) read low rows i-1+a, i+a: padded index i-1+a+HALO
     window = lax.dynamic_slice_in_dim(low, first_row // 2 - 1 + HALO, low_rows + 2, axis=1)
-    per_parity = lax.conv_general_dilated(
-        window[None], subpixel_weights(weight), window_strides=(1, 1, 1),
-        padding=((0, 0), (1, 1), (1, 1)), dimension_numbers=("NCDHW", "OIDHW", "NCDHW"),
-        precision=PRECISION,
-    )[0]
+    per_parity = conv3d(window, subpixel_weights(weight), padding=((0, 0), (1, 1), (1, 1)))
     channels_out = weight.shape[0]
     height, width = low.shape[2], low.shape[3]
     per_parity = per_parity.reshape(2, 2, 2, channels_out, low_rows + 1, height + 1, width + 1)
@@ -102,6 +96,22 @@ def _upsample_rows(upsample: Upsample, low: Array, first_row: Array, rows: int) 
     return full + bias[:, None, None, None]
 
 
+def _postconv(upsample: Upsample) -> tuple[Array, Array]:
+    return upsample.postconv.weight, upsample.postconv.bias
+
+
+def _skip_of_upsample(upsample: Upsample, block: ResBlock) -> tuple[Array, Array]:
+    """Kernel and bias of ``nin_shortcut ∘ postconv`` (a 1×1×1 convolution after a 3×3×3 one is
+    one 3×3×3 convolution), so the ResBlock's skip branch ``nin(U)`` is computed from the
+    low-resolution input with half the work of recomputing ``U`` (64 instead of 128 channels)."""
+    weight, bias = _postconv(upsample)
+    if block.nin_shortcut is None:
+        return weight, bias
+    nin = block.nin_shortcut.weight[:, :, 0, 0, 0]
+    folded = jnp.einsum("oc,cikjl->oikjl", nin, weight, precision=PRECISION)
+    return folded, jnp.dot(nin, bias, precision=PRECISION) + block.nin_shortcut.bias
+
+
 def _inside(first_row: Array, rows: int, depth: int) -> Array:
     index = first_row + jnp.arange(rows)
     return (index >= 0) & (index < depth)
@@ -111,17 +121,7 @@ def _masked(x: Array, inside: Array) -> Array:
     return jnp.where(inside[None, :, None, None], x, 0.0)
 
 
-def decode_streaming(vae: AutoencoderKL, latent: Array, *, slab: int = 8) -> Array:
-    """``vae.decode(latent)`` evaluating the full-resolution stage in slabs of ``slab`` rows.
-
-    Args:
-        vae: the autoencoder; its decoder must end Upsample → ResBlock(s) → GroupNorm → conv.
-        latent: ``(latent_channels, d, h, w)``.
-        slab: rows of the output's first axis per slab; must be even and divide it.
-
-    Returns:
-        ``(out_channels, D, H, W)``, equal to :meth:`AutoencoderKL.decode` up to rounding.
-    """
+def _split(vae: AutoencoderKL) -> tuple[int, Upsample, tuple[ResBlock, ...], GroupNorm, Conv3d]:
     blocks = vae.decoder.blocks
     last_up = max(i for i, block in enumerate(blocks) if isinstance(block, Upsample))
     upsample, resblocks, final_norm, conv_out = (
@@ -130,105 +130,168 @@ def decode_streaming(vae: AutoencoderKL, latent: Array, *, slab: int = 8) -> Arr
     if not (resblocks and all(isinstance(b, ResBlock) for b in resblocks)
             and isinstance(final_norm, GroupNorm) and isinstance(conv_out, Conv3d)):
         raise ValueError("decode_streaming: unexpected decoder layout after the last Upsample")
+    return last_up, upsample, tuple(resblocks), final_norm, conv_out
 
+
+def decode_streaming_layout_ok(vae: AutoencoderKL) -> bool:
+    """Whether :func:`decode_streaming` can evaluate this autoencoder's decoder."""
+    try:
+        _split(vae)
+    except ValueError:
+        return False
+    return True
+
+
+# -- the passes: one compiled call per slab; ``start`` (the slab's first output row) is traced --
+@eqx.filter_jit
+def _low_resolution(vae: AutoencoderKL, latent: Array, last_up: int) -> Array:
+    """The decoder up to its last Upsample, padded with ``HALO`` zero rows along axis 1."""
     low = vae.post_quant_conv(latent)
-    for block in blocks[:last_up]:
+    for block in vae.decoder.blocks[:last_up]:
         low = block(low)
-    depth = 2 * low.shape[1]
-    if slab % 2 or depth % slab:
+    return jnp.pad(low, ((0, 0), (HALO, HALO), (0, 0), (0, 0)))
+
+
+@eqx.filter_jit
+def _pass_upsample_stats(upsample: Upsample, low: Array, start: Array, slab: int, groups: int,
+                         acc: Stats) -> Stats:
+    return GroupStats.merge(acc, GroupStats.of(_upsample_rows(*_postconv(upsample), low, start, slab), groups))
+
+
+@eqx.filter_jit
+def _pass_first_conv1(upsample: Upsample, block: ResBlock, low: Array, stats_u: Stats, start: Array,
+                      slab: int, depth: int, acc: Stats) -> tuple[Array, Stats]:
+    """h = conv1(silu(norm1(U))) for one slab, U = upsample(low) recomputed with a 1-row halo."""
+    u = _upsample_rows(*_postconv(upsample), low, start - 2, slab + 4)[:, 1:-1]  # rows start-1 … start+slab
+    a = _masked(jax.nn.silu(_normalise(u, block.norm1, stats_u)), _inside(start - 1, slab + 2, depth))
+    h = _conv_rows(block.conv1, a)
+    return h, GroupStats.merge(acc, GroupStats.of(h, block.norm2.groups))
+
+
+def _window(previous: Array, current: Array, following: Array, halo: int) -> Array:
+    """``current`` with ``halo`` rows of its neighbours on each side (axis 1)."""
+    return jnp.concatenate([previous[:, -halo:], current, following[:, :halo]], axis=1)
+
+
+@eqx.filter_jit
+def _pass_first_residual(upsample: Upsample, block: ResBlock, low: Array, stats_h: Stats,
+                         previous: Array, current: Array, following: Array, start: Array,
+                         depth: int, next_groups: int, acc: Stats) -> tuple[Array, Stats]:
+    """skip(U) + conv2(silu(norm2(h))) for one slab (h with a 1-row halo)."""
+    slab = current.shape[1]
+    h = _window(previous, current, following, 1)  # rows start-1 … start+slab
+    a = _masked(jax.nn.silu(_normalise(h, block.norm2, stats_h)), _inside(start - 1, slab + 2, depth))
+    skip = _upsample_rows(*_skip_of_upsample(upsample, block), low, start, slab)
+    out = skip + _conv_rows(block.conv2, a)
+    return out, GroupStats.merge(acc, GroupStats.of(out, next_groups))
+
+
+def _conv1_rows(block: ResBlock, stats_r: Stats, r: Array, first_row: Array, depth: int) -> Array:
+    """conv1(silu(norm1(r))) for the rows of ``r`` but its first and last (its halo)."""
+    a = _masked(jax.nn.silu(_normalise(r, block.norm1, stats_r)), _inside(first_row, r.shape[1], depth))
+    return _conv_rows(block.conv1, a)
+
+
+@eqx.filter_jit
+def _pass_conv1_stats(block: ResBlock, stats_r: Stats, previous: Array, current: Array,
+                      following: Array, start: Array, depth: int, acc: Stats) -> Stats:
+    h = _conv1_rows(block, stats_r, _window(previous, current, following, 1), start - 1, depth)
+    return GroupStats.merge(acc, GroupStats.of(h, block.norm2.groups))
+
+
+@eqx.filter_jit
+def _pass_residual(block: ResBlock, stats_r: Stats, stats_h: Stats, previous: Array, current: Array,
+                   following: Array, start: Array, depth: int, next_groups: int,
+                   acc: Stats) -> tuple[Array, Stats]:
+    """r + conv2(silu(norm2(conv1(…)))) for one slab (identity skip); conv1 recomputed."""
+    slab = current.shape[1]
+    h = _conv1_rows(block, stats_r, _window(previous, current, following, 2), start - 2, depth)
+    a = _masked(jax.nn.silu(_normalise(h, block.norm2, stats_h)), _inside(start - 1, slab + 2, depth))
+    out = current + _conv_rows(block.conv2, a)
+    return out, GroupStats.merge(acc, GroupStats.of(out, next_groups))
+
+
+@eqx.filter_jit
+def _pass_output(norm: GroupNorm, conv: Conv3d, stats: Stats, previous: Array, current: Array,
+                 following: Array, start: Array, depth: int) -> Array:
+    """conv_out(norm(r)) for one slab (no SiLU in between, as upstream)."""
+    rows = _window(previous, current, following, 1)
+    a = _masked(_normalise(rows, norm, stats), _inside(start - 1, rows.shape[1], depth))
+    return _conv_rows(conv, a)
+
+
+def _neighbours(slabs: list[Array | None], index: int) -> tuple[Array, Array, Array]:
+    """(previous, current, following) slabs; a missing neighbour is replaced by the current slab
+    (any values do: rows outside the volume are masked to zero before they are used)."""
+    current = slabs[index]
+    previous = slabs[index - 1] if index > 0 else current
+    following = slabs[index + 1] if index + 1 < len(slabs) else current
+    return previous, current, following
+
+
+def decode_streaming(vae: AutoencoderKL, latent: Array, *, slab: int = 16) -> Array:
+    """``vae.decode(latent)`` evaluating the full-resolution stage in slabs of ``slab`` rows.
+
+    Called eagerly it dispatches one compiled function per slab and pass (the fast path); it
+    can also be traced (e.g. inside :func:`jax.jit`), where the loops unroll into one program.
+
+    Args:
+        vae: the autoencoder; its decoder must end Upsample → ResBlock(s) → GroupNorm → conv.
+        latent: ``(latent_channels, d, h, w)``.
+        slab: rows of the output's first axis per slab; must be even, ≥ 2, and divide it.
+
+    Returns:
+        ``(out_channels, D, H, W)``, equal to :meth:`AutoencoderKL.decode` up to rounding.
+    """
+    last_up, upsample, resblocks, final_norm, conv_out = _split(vae)
+    depth = vae.config.downsampling_factor * latent.shape[1]
+    if slab % 2 or slab < 2 or depth % slab:
         raise ValueError(f"slab {slab} must be even and divide the output depth {depth}")
     n_slabs = depth // slab
-    low = jnp.pad(low, ((0, 0), (HALO, HALO), (0, 0), (0, 0)))
-    height, width = 2 * (low.shape[2]), 2 * (low.shape[3])
+    starts = [jnp.asarray(s * slab, jnp.int32) for s in range(n_slabs)]
+    low = _low_resolution(vae, latent, last_up)
 
-    def loop(body, init):
-        # A while loop keeps one slab alive at a time (peak ≈ 3.7 GiB at 160×224×160; unrolled
-        # into straight-line code XLA keeps many and peaks above 11 GiB). Known cost: XLA:CPU
-        # runs convolutions inside while loops far slower than in straight-line code (≈ 30× in
-        # a micro-benchmark), so this path is for memory-bound machines until that is solved.
-        return lax.fori_loop(0, n_slabs, body, init)
-
-    # -- first ResBlock: its input U = upsample(low) is never stored whole -----------------
+    # -- first ResBlock: its input U = upsample(low) is never stored whole -------------------
     first = resblocks[0]
-    stats_u = loop(
-        lambda s, acc: GroupStats.merge(acc, GroupStats.of(
-            _upsample_rows(upsample, low, s * slab, slab), first.norm1.groups,
-            jnp.ones((slab,), bool))),
-        GroupStats.empty(first.norm1.groups),
-    )
-
-    channels = first.conv1.weight.shape[0]
-    buffer = jnp.zeros((channels, depth + 2 * HALO, height, width), jnp.float32)
-
-    def first_conv1(s, carry):
-        buffer, acc = carry
-        start = s * slab
-        u = _upsample_rows(upsample, low, start - 2, slab + 4)[:, 1:-1]  # rows start-1 … start+slab
-        a = _masked(jax.nn.silu(_normalise(u, first.norm1, stats_u)), _inside(start - 1, slab + 2, depth))
-        h = _conv_rows(first.conv1, a)
-        acc = GroupStats.merge(acc, GroupStats.of(h, first.norm2.groups, jnp.ones((slab,), bool)))
-        return lax.dynamic_update_slice_in_dim(buffer, h, start + HALO, axis=1), acc
-
-    buffer, stats_h = loop(first_conv1, (buffer, GroupStats.empty(first.norm2.groups)))
-
+    stats_u = GroupStats.empty(first.norm1.groups)
+    for start in starts:
+        stats_u = _pass_upsample_stats(upsample, low, start, slab, first.norm1.groups, stats_u)
+    h: list[Array | None] = []
+    stats_h = GroupStats.empty(first.norm2.groups)
+    for start in starts:
+        h_slab, stats_h = _pass_first_conv1(upsample, first, low, stats_u, start, slab, depth, stats_h)
+        h.append(h_slab)
     next_norm = resblocks[1].norm1 if len(resblocks) > 1 else final_norm
+    r: list[Array | None] = []
+    stats_r = GroupStats.empty(next_norm.groups)
+    for index, start in enumerate(starts):
+        out, stats_r = _pass_first_residual(upsample, first, low, stats_h, *_neighbours(h, index), start,
+                                            depth, next_norm.groups, stats_r)
+        r.append(out)
+        if index > 0:
+            h[index - 1] = None  # no later slab reads it: release it
+    del h, low
 
-    def first_residual(s, carry):
-        buffer, saved, acc = carry  # saved: original rows start-1 (overwritten by slab s-1)
-        start = s * slab
-        rows = lax.dynamic_slice_in_dim(buffer, start + HALO, slab + 1, axis=1)
-        h = jnp.concatenate([saved, rows], axis=1)  # rows start-1 … start+slab
-        a = _masked(jax.nn.silu(_normalise(h, first.norm2, stats_h)), _inside(start - 1, slab + 2, depth))
-        u = _upsample_rows(upsample, low, start, slab)
-        skip = u if first.nin_shortcut is None else _conv_rows(first.nin_shortcut, u)
-        out = skip + _conv_rows(first.conv2, a)
-        acc = GroupStats.merge(acc, GroupStats.of(out, next_norm.groups, jnp.ones((slab,), bool)))
-        saved = rows[:, slab - 1:slab]
-        return lax.dynamic_update_slice_in_dim(buffer, out, start + HALO, axis=1), saved, acc
-
-    zero_row = jnp.zeros((channels, 1, height, width), jnp.float32)
-    buffer, _, stats_r = loop(first_residual, (buffer, zero_row, GroupStats.empty(next_norm.groups)))
-
-    # -- further ResBlocks (identity skip): B is recomputed instead of stored ------------------
+    # -- further ResBlocks (identity skip): conv1's output is recomputed instead of stored ----
     for index, block in enumerate(resblocks[1:], start=1):
         norm_after = resblocks[index + 1].norm1 if index + 1 < len(resblocks) else final_norm
+        stats_h = GroupStats.empty(block.norm2.groups)
+        for i, start in enumerate(starts):
+            stats_h = _pass_conv1_stats(block, stats_r, *_neighbours(r, i), start, depth, stats_h)
+        new: list[Array | None] = []
+        stats_next = GroupStats.empty(norm_after.groups)
+        for i, start in enumerate(starts):
+            out, stats_next = _pass_residual(block, stats_r, stats_h, *_neighbours(r, i), start, depth,
+                                             norm_after.groups, stats_next)
+            new.append(out)
+            if i > 0:
+                r[i - 1] = None
+        r, stats_r = new, stats_next
 
-        def conv1_rows(buffer_rows: Array, first_row: Array, rows: int, block=block, stats=stats_r) -> Array:
-            """conv1(silu(norm1(R))) for ``rows`` rows from ``rows + 2`` buffer rows."""
-            a = _masked(jax.nn.silu(_normalise(buffer_rows, block.norm1, stats)),
-                        _inside(first_row - 1, rows + 2, depth))
-            return _conv_rows(block.conv1, a)
-
-        def stats_of_h(s, acc, block=block, conv1_rows=conv1_rows):
-            start = s * slab
-            rows = lax.dynamic_slice_in_dim(buffer, start + HALO - 1, slab + 2, axis=1)
-            h = conv1_rows(rows, start, slab)
-            return GroupStats.merge(acc, GroupStats.of(h, block.norm2.groups, jnp.ones((slab,), bool)))
-
-        stats_h = loop(stats_of_h, GroupStats.empty(block.norm2.groups))
-
-        def residual(s, carry, block=block, conv1_rows=conv1_rows, stats_h=stats_h, norm_after=norm_after):
-            buffer, saved, acc = carry  # saved: original rows start-2, start-1
-            start = s * slab
-            rows = lax.dynamic_slice_in_dim(buffer, start + HALO, slab + 2, axis=1)
-            r = jnp.concatenate([saved, rows], axis=1)  # rows start-2 … start+slab+1
-            h = conv1_rows(r, start - 1, slab + 2)  # rows start-1 … start+slab
-            a = _masked(jax.nn.silu(_normalise(h, block.norm2, stats_h)), _inside(start - 1, slab + 2, depth))
-            out = rows[:, :slab] + _conv_rows(block.conv2, a)
-            acc = GroupStats.merge(acc, GroupStats.of(out, norm_after.groups, jnp.ones((slab,), bool)))
-            saved = rows[:, slab - 2:slab]
-            return lax.dynamic_update_slice_in_dim(buffer, out, start + HALO, axis=1), saved, acc
-
-        zero_rows = jnp.zeros((channels, 2, height, width), jnp.float32)
-        buffer, _, stats_r = loop(residual, (buffer, zero_rows, GroupStats.empty(norm_after.groups)))
-
-    # -- GroupNorm → conv_out (no SiLU, as upstream) -----------------------------------------
-    output = jnp.zeros((conv_out.weight.shape[0], depth, height, width), jnp.float32)
-
-    def final(s, output):
-        start = s * slab
-        rows = lax.dynamic_slice_in_dim(buffer, start + HALO - 1, slab + 2, axis=1)
-        a = _masked(_normalise(rows, final_norm, stats_r), _inside(start - 1, slab + 2, depth))
-        return lax.dynamic_update_slice_in_dim(output, _conv_rows(conv_out, a), start, axis=1)
-
-    return loop(final, output)
+    # -- GroupNorm → conv_out ------------------------------------------------------------------
+    image = []
+    for i, start in enumerate(starts):
+        image.append(_pass_output(final_norm, conv_out, stats_r, *_neighbours(r, i), start, depth))
+        if i > 0:
+            r[i - 1] = None
+    return jnp.concatenate(image, axis=1)

@@ -28,7 +28,6 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import numpy as np
-from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from .._version import __version__
@@ -148,6 +147,74 @@ def sha256_of(path: Path) -> str:
         while chunk := handle.read(8 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+# -- verification records ------------------------------------------------------------------------
+#: Environment variable: a folder for verification records, or ``0``/``off`` to hash every load.
+VERIFY_RECORDS_ENV = "BRAIN_LDM_NODES_VERIFIED_DIR"
+
+
+def verification_record_dir() -> Path | None:
+    """Where records of verified weights files are kept (``None``: records are off).
+
+    ``$BRAIN_LDM_NODES_VERIFIED_DIR`` if set (``0``, ``off`` or empty turn records off), else
+    ``$XDG_CACHE_HOME/brain-ldm-nodes/verified`` (``~/.cache/…``).
+    """
+    value = os.environ.get(VERIFY_RECORDS_ENV)
+    if value is not None:
+        return None if value.strip().lower() in ("", "0", "off", "false", "no") else Path(value).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join("~", ".cache")
+    return Path(cache).expanduser() / "brain-ldm-nodes" / "verified"
+
+
+def _file_identity(path: Path) -> dict[str, Any]:
+    """What changes whenever a file's content does: resolved path, device, inode, size, and
+    modification and status-change times (ns). The status-change time (ctime) is set by the
+    kernel on every write and cannot be set back by ``touch`` or ``os.utime``."""
+    resolved = Path(path).resolve()
+    status = resolved.stat()
+    return {"path": str(resolved), "device": status.st_dev, "inode": status.st_ino,
+            "size": status.st_size, "mtime_ns": status.st_mtime_ns, "ctime_ns": status.st_ctime_ns}
+
+
+def verify_weights_file(path: Path, expected_sha256: str) -> None:
+    """Check ``path`` against ``expected_sha256``; hash it unless a record says this very file
+    (same :func:`_file_identity`) already matched that digest.
+
+    After a successful hash a record ``<sha256 of the resolved path>.json`` holding the identity
+    and the digest is written to :func:`verification_record_dir` (best effort: a read-only or
+    missing cache only costs the re-hash next time). Any change to the file — content, size,
+    replacement, ``touch`` — changes its identity, so it is hashed again.
+
+    Raises:
+        BundleError: the digest does not match.
+    """
+    identity = _file_identity(path)
+    expected = {**identity, "sha256": expected_sha256}
+    folder = verification_record_dir()
+    record = None
+    if folder is not None:
+        record = folder / (hashlib.sha256(identity["path"].encode()).hexdigest() + ".json")
+        try:
+            if json.loads(record.read_text(encoding="utf-8")) == expected:
+                return
+        except (OSError, ValueError):
+            pass
+    digest = sha256_of(path)
+    if digest != expected_sha256:
+        raise BundleError(
+            f"{path}: sha256 {digest} does not match {expected_sha256} in config.json; "
+            "the file is corrupt or was modified (re-download or re-convert it)"
+        )
+    if record is not None and _file_identity(path) == identity:  # unchanged while we hashed it
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False,
+                                             encoding="utf-8") as handle:
+                json.dump(expected, handle)
+            os.replace(handle.name, record)
+        except OSError:
+            pass
 
 
 # -- writing -------------------------------------------------------------------------------------
@@ -353,25 +420,51 @@ def load_bundle_weights(
     if not weights.is_file():
         raise BundleError(f"{folder}: weights file {config.weights_file} is missing")
     if verify:
-        digest = sha256_of(weights)
-        if digest != config.weights_sha256:
-            raise BundleError(
-                f"{weights}: sha256 {digest} does not match {config.weights_sha256} in config.json; "
-                "the file is corrupt or was modified (re-download or re-convert it)"
-            )
+        verify_weights_file(weights, config.weights_sha256)
     if isinstance(config, VAEBundleConfig):
         skeleton = eqx.filter_eval_shape(AutoencoderKL, config.autoencoder, key=jax.random.key(0))
     else:
         skeleton = eqx.filter_eval_shape(DiffusionModelUNet, config.unet, key=jax.random.key(0))
-    try:
-        with safe_open(str(weights), framework="numpy") as handle:
-            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
-    except Exception as error:  # safetensors raises its own SafetensorError
-        raise BundleError(f"{weights}: not a readable safetensors file ({error})") from None
+    tensors = read_safetensors(weights)
     try:
         return load_parameters(skeleton, tensors, source=str(weights))
     except WeightMappingError as error:
         raise BundleError(str(error)) from None
+
+
+_SAFETENSORS_DTYPES = {"F32": np.float32, "F16": np.float16, "F64": np.float64}
+
+
+def read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """``{name: array}`` of a safetensors file as read-only views of one memory map (no copy:
+    the caller's conversion to JAX arrays is the only one). The header is checked as
+    ``safetensors`` itself does (offsets contiguous, in bounds, sizes matching shapes).
+
+    Raises:
+        BundleError: the file is not a safetensors file of float tensors.
+    """
+    try:
+        mapped = np.memmap(path, dtype=np.uint8, mode="r")
+        header_size = int(mapped[:8].view("<u8")[0]) if mapped.size >= 8 else -1
+        if not 0 < header_size <= mapped.size - 8:
+            raise ValueError("bad header size")
+        header = json.loads(bytes(mapped[8:8 + header_size]).decode("utf-8"))
+        header.pop("__metadata__", None)
+        data = mapped[8 + header_size:]
+        tensors, end = {}, 0
+        for name, entry in sorted(header.items(), key=lambda item: item[1]["data_offsets"][0]):
+            dtype = np.dtype(_SAFETENSORS_DTYPES[entry["dtype"]]).newbyteorder("<")
+            begin, stop = (int(v) for v in entry["data_offsets"])
+            shape = tuple(int(v) for v in entry["shape"])
+            if begin != end or stop > data.size or stop - begin != dtype.itemsize * int(np.prod(shape)):
+                raise ValueError(f"tensor {name!r} has inconsistent offsets {entry['data_offsets']}")
+            tensors[name] = data[begin:stop].view(dtype).reshape(shape)
+            end = stop
+        if end != data.size:
+            raise ValueError("trailing bytes after the last tensor")
+        return tensors
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as error:
+        raise BundleError(f"{path}: not a readable safetensors file ({type(error).__name__}: {error})") from None
 
 
 def resolve_base(
