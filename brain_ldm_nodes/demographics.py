@@ -36,6 +36,9 @@ __all__ = [
     "CONDITIONING_ORDER",
     "BUNDLE_DEFAULTS",
     "MISSING_TOKENS",
+    "VOLUME_FIELDS",
+    "MissingVolumes",
+    "SKIP_KINDS",
     "DemographicsError",
     "DemographicsPolicy",
     "Conditioning",
@@ -53,29 +56,55 @@ BUNDLE_DEFAULTS: Mapping[str, float] = MappingProxyType(
 )
 """The MONAI bundle's default conditioning (``inference.json``), already normalised."""
 
-MISSING_TOKENS: frozenset[str] = frozenset({"", "n/a", "na", "nan"})
+MISSING_TOKENS: frozenset[str] = frozenset(
+    {"", "n/a", "na", "nan", "none", "null", "missing", "unknown", "-", "?"}
+)
 """Cell texts (case-insensitive, stripped) that mean "no value"; ``None`` and NaN too."""
+
+VOLUME_FIELDS: tuple[str, str] = ("ventricular_volume", "brain_volume")
+"""The two volume fields; when absent they take the bundle defaults (``missing_volumes``)."""
 
 DEFAULT_SEX_CODES: Mapping[str, float] = MappingProxyType(
     {"f": 0.0, "female": 0.0, "w": 0.0, "woman": 0.0, "m": 1.0, "male": 1.0, "man": 1.0}
 )
 
 OutOfRange = Literal["error", "clip", "allow"]
+MissingVolumes = Literal["default", "error"]
 AgeRangePolicy = Literal["midpoint", "error"]
 AgeOpenEndedPolicy = Literal["lower_bound", "error"]
 
 _OUT_OF_RANGE_CHOICES = ("error", "clip", "allow")
+_MISSING_VOLUMES_CHOICES = ("default", "error")
 _AGE_RANGE_CHOICES = ("midpoint", "error")
 _AGE_OPEN_ENDED_CHOICES = ("lower_bound", "error")
-_VOLUME_FIELDS = ("ventricular_volume", "brain_volume")
+_VOLUME_FIELDS = VOLUME_FIELDS
 
 _NUMBER = r"\d+(?:\.\d*)?|\.\d+"
 _AGE_RANGE_RE = re.compile(rf"^({_NUMBER})\s*(?:-|\u2013|to)\s*({_NUMBER})$", re.IGNORECASE)
 _AGE_OPEN_RE = re.compile(rf"^({_NUMBER})\s*\+$")
+# "23y", "45 years", DICOM's AgeString "045Y"; "6M" / "30 months" / "20D" are not years.
+_AGE_YEARS_RE = re.compile(rf"^({_NUMBER})\s*(?:y|yr|yrs|year|years)$", re.IGNORECASE)
+_AGE_OTHER_UNIT_RE = re.compile(
+    rf"^({_NUMBER})\s*(m|mo|mos|month|months|w|wk|wks|week|weeks|d|day|days)$", re.IGNORECASE
+)
 
 
 class DemographicsError(ValueError):
-    """A demographic value or policy that cannot be used; the message names the field."""
+    """A demographic value or policy that cannot be used; the message names the field.
+
+    ``kind`` says what went wrong in a word, for grouping (:data:`SKIP_KINDS`), or None.
+    """
+
+    def __init__(self, message: str, *, kind: str | None = None) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+SKIP_KINDS: tuple[str, ...] = (
+    "age_below", "age_above", "age_missing", "age_unparsed", "sex_missing", "sex_unknown",
+    "volume_missing", "volume_unparsed", "volume_mm3_no_range", "volume_out_of_range",
+)
+"""Kinds of :class:`DemographicsError` about a value (``DemographicsError.kind``)."""
 
 
 # --------------------------------------------------------------------------- helpers
@@ -180,8 +209,13 @@ class DemographicsPolicy:
     * ``age_range_policy``: ages written as ranges ("35-40"): ``"midpoint"`` or ``"error"``.
     * ``age_open_ended_policy``: ages like "89+": ``"lower_bound"`` (use 89) or ``"error"``.
     * ``defaults``: normalised values for fields a participant lacks (keys from
-      :data:`CONDITIONING_ORDER`); empty by default, i.e. a missing value is an error.
-      :meth:`bundle_defaults` gives the MONAI bundle's defaults.
+      :data:`CONDITIONING_ORDER`); empty by default, i.e. a missing sex or age is an error.
+      :meth:`bundle_defaults` gives the MONAI bundle's defaults for all four.
+    * ``missing_volumes``: a volume that is missing (no column, or an empty / ``n/a``
+      cell): ``"default"`` (the default) uses ``defaults[name]`` if set, else the MONAI
+      bundle's (:data:`BUNDLE_DEFAULTS`: ventricular 0.2, brain 0.4), and the record says
+      so (``defaulted: true`` and why); ``"error"`` makes it an error. Few real
+      ``participants.tsv`` have volume columns, hence the default.
     """
 
     sex_codes: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_SEX_CODES))
@@ -193,6 +227,7 @@ class DemographicsPolicy:
     age_range_policy: AgeRangePolicy = "midpoint"
     age_open_ended_policy: AgeOpenEndedPolicy = "lower_bound"
     defaults: Mapping[str, float] = field(default_factory=dict)
+    missing_volumes: MissingVolumes = "default"
 
     def __post_init__(self) -> None:
         codes: dict[str, float] = {}
@@ -226,6 +261,7 @@ class DemographicsPolicy:
             ("out_of_range", _OUT_OF_RANGE_CHOICES),
             ("age_range_policy", _AGE_RANGE_CHOICES),
             ("age_open_ended_policy", _AGE_OPEN_ENDED_CHOICES),
+            ("missing_volumes", _MISSING_VOLUMES_CHOICES),
         ):
             if getattr(self, name) not in choices:
                 raise DemographicsError(
@@ -306,7 +342,22 @@ class DemographicsPolicy:
             "age_range_policy": self.age_range_policy,
             "age_open_ended_policy": self.age_open_ended_policy,
             "defaults": dict(self.defaults),
+            "missing_volumes": self.missing_volumes,
         }
+
+    def default_for(self, name: str) -> tuple[float, str] | None:
+        """The value a missing ``name`` takes and where it comes from, or None (an error).
+
+        ``defaults[name]`` when set ("configured default"); for a volume under
+        ``missing_volumes="default"`` otherwise the bundle's ("MONAI bundle default").
+        """
+        if name in _VOLUME_FIELDS and self.missing_volumes == "error":
+            return None
+        if name in self.defaults:
+            return self.defaults[name], "configured default"
+        if name in _VOLUME_FIELDS:
+            return BUNDLE_DEFAULTS[name], "MONAI bundle default (inference.json)"
+        return None
 
     def volume_range_mm3(self, name: str) -> tuple[float, float] | None:
         """Configured reference range for ``ventricular_volume`` or ``brain_volume``."""
@@ -331,11 +382,15 @@ def parse_sex(value: object, policy: DemographicsPolicy | None = None) -> float 
     if is_missing(value):
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (str, int, float, np.number)):
-        raise DemographicsError(f"sex: {value!r} is not a sex code ({_accepted_sex(policy)})")
+        raise DemographicsError(
+            f"sex: {value!r} is not a sex code ({_accepted_sex(policy)})", kind="sex_unknown"
+        )
     code = canonical_code(value)
     if code not in policy.sex_codes:
         shown = value.strip() if isinstance(value, str) else _raw_for_record(value)
-        raise DemographicsError(f"sex: unknown code '{shown}' ({_accepted_sex(policy)})")
+        raise DemographicsError(
+            f"sex: unknown code '{shown}' ({_accepted_sex(policy)})", kind="sex_unknown"
+        )
     return policy.sex_codes[code]
 
 
@@ -355,54 +410,78 @@ def parse_age_years(
 ) -> tuple[float, str] | None:
     """Age cell -> ``(age_years, how)``, or ``None`` if missing.
 
-    Accepts numbers and numeric text ("63", " 63.5 "): ``how = "value"``; ranges
-    "35-40" (also "35 to 40", en dash): midpoint 37.5 with ``how = "range_midpoint"``
-    unless ``policy.age_range_policy == "error"``; open-ended "89+": 89 with
+    Accepts numbers and numeric text ("63", " 63.5 "), also with a year unit ("63y",
+    "63 years", DICOM's "063Y"): ``how = "value"``; ranges "35-40" (also "35 to 40", en
+    dash): midpoint 37.5 with ``how = "range_midpoint"`` unless
+    ``policy.age_range_policy == "error"``; open-ended "89+": 89 with
     ``how = "open_ended_lower_bound"`` unless ``policy.age_open_ended_policy == "error"``.
-    Negative, non-finite or non-numeric ages raise :class:`DemographicsError`.
+    Ages in other units ("6M", "30 months"), negative, non-finite or non-numeric ages raise
+    :class:`DemographicsError` (``kind="age_unparsed"``).
     """
     policy = policy or DemographicsPolicy()
     if is_missing(value):
         return None
     accepted = "accepted: years as a number, a range like '35-40', or open-ended like '89+'"
     if _is_real_number(value):
-        years = _as_float("age", value, "a number of years")
+        try:
+            years = _as_float("age", value, "a number of years")
+        except DemographicsError as exc:
+            raise DemographicsError(str(exc), kind="age_unparsed") from None
         how = "value"
     elif isinstance(value, str):
         text = value.strip()
         range_match = _AGE_RANGE_RE.match(text)
         open_match = _AGE_OPEN_RE.match(text)
+        years_match = _AGE_YEARS_RE.match(text)
+        other_unit = _AGE_OTHER_UNIT_RE.match(text)
         if range_match:
             low, high = float(range_match.group(1)), float(range_match.group(2))
             if policy.age_range_policy == "error":
                 raise DemographicsError(
                     f"age: range '{text}' is not accepted (age_range_policy='error'; "
-                    "set it to 'midpoint' to use the middle of the range)"
+                    "set it to 'midpoint' to use the middle of the range)",
+                    kind="age_unparsed",
                 )
             if low > high:
-                raise DemographicsError(f"age: range '{text}' has its lower bound above its upper")
+                raise DemographicsError(
+                    f"age: range '{text}' has its lower bound above its upper", kind="age_unparsed"
+                )
             years, how = (low + high) / 2.0, "range_midpoint"
         elif open_match:
             if policy.age_open_ended_policy == "error":
                 raise DemographicsError(
                     f"age: open-ended '{text}' is not accepted (age_open_ended_policy='error'; "
-                    "set it to 'lower_bound' to use the bound)"
+                    "set it to 'lower_bound' to use the bound)",
+                    kind="age_unparsed",
                 )
             years, how = float(open_match.group(1)), "open_ended_lower_bound"
+        elif years_match:
+            years, how = float(years_match.group(1)), "value"
+        elif other_unit:
+            raise DemographicsError(
+                f"age: '{text}' is not in years (unit '{other_unit.group(2)}'; {accepted})",
+                kind="age_unparsed",
+            )
         else:
             try:
                 years = float(text)
             except ValueError:
                 raise DemographicsError(
-                    f"age: '{text}' is not an age in years ({accepted})"
+                    f"age: '{text}' is not an age in years ({accepted})", kind="age_unparsed"
                 ) from None
             if not math.isfinite(years):
-                raise DemographicsError(f"age: '{text}' is not finite ({accepted})")
+                raise DemographicsError(
+                    f"age: '{text}' is not finite ({accepted})", kind="age_unparsed"
+                )
             how = "value"
     else:
-        raise DemographicsError(f"age: {value!r} is not an age in years ({accepted})")
+        raise DemographicsError(
+            f"age: {value!r} is not an age in years ({accepted})", kind="age_unparsed"
+        )
     if years < 0:
-        raise DemographicsError(f"age: {_raw_for_record(value)!r} is negative ({accepted})")
+        raise DemographicsError(
+            f"age: {_raw_for_record(value)!r} is negative ({accepted})", kind="age_unparsed"
+        )
     return years, how
 
 
@@ -455,34 +534,53 @@ def _apply_range_policy(
     if policy_choice == "allow":
         flags["extrapolated"] = True
         return value, flags
+    if name == "age":
+        kind = "age_below" if value < 0.0 else "age_above"
+    else:
+        kind = "volume_out_of_range" if name in _VOLUME_FIELDS else None
     raise DemographicsError(
         f"{name}: {detail} outside [0, 1] (out_of_range='error'; set out_of_range to "
-        "'clip' or 'allow' to use it anyway, the latter as extrapolation)"
+        "'clip' or 'allow' to use it anyway, the latter as extrapolation)",
+        kind=kind,
     )
 
 
-def _defaulted(name: str, raw: object, policy: DemographicsPolicy) -> tuple[float, dict[str, Any]]:
-    if name not in policy.defaults:
+def _defaulted(
+    name: str, raw: object, policy: DemographicsPolicy, why: str | None = None
+) -> tuple[float, dict[str, Any]]:
+    """The default of a missing ``name`` and its record (``why``: the reason it is missing)."""
+    why = why or (f"no {name} given" if raw is None else f"missing value {_raw_for_record(raw)!r}")
+    found = policy.default_for(name)
+    if found is None:
+        if name in _VOLUME_FIELDS and policy.missing_volumes == "error":
+            fix = ("provide it, or set missing_volumes to 'default' (--missing-volumes default) "
+                   f"to use the bundle default {BUNDLE_DEFAULTS[name]:g}")
+        else:
+            fix = f"provide it, or set defaults['{name}'] in the demographics policy"
         raise DemographicsError(
-            f"{name}: missing value ({_raw_for_record(raw)!r}) and no default configured "
-            f"(provide it, or set defaults['{name}'] in the demographics policy)"
+            f"{name}: missing value ({_raw_for_record(raw)!r}) and no default configured ({fix})",
+            kind=f"{'volume' if name in _VOLUME_FIELDS else name}_missing",
         )
-    value = policy.defaults[name]
+    value, source = found
     return value, {
         "raw": _raw_for_record(raw),
         "value": value,
         "how": "default",
-        "formula": f"policy default for missing {name}",
+        "formula": f"{source} for missing {name}",
         "defaulted": True,
+        "default_source": source,
+        "why": why,
         "clipped": False,
         "extrapolated": not 0.0 <= value <= 1.0,
     }
 
 
-def _normalise_sex(raw: object, policy: DemographicsPolicy) -> tuple[float, dict[str, Any]]:
+def _normalise_sex(
+    raw: object, policy: DemographicsPolicy, why: str | None = None
+) -> tuple[float, dict[str, Any]]:
     value = parse_sex(raw, policy)
     if value is None:
-        return _defaulted("sex", raw, policy)
+        return _defaulted("sex", raw, policy, why)
     return value, {
         "raw": _raw_for_record(raw),
         "value": value,
@@ -494,10 +592,12 @@ def _normalise_sex(raw: object, policy: DemographicsPolicy) -> tuple[float, dict
     }
 
 
-def _normalise_age(raw: object, policy: DemographicsPolicy) -> tuple[float, dict[str, Any]]:
+def _normalise_age(
+    raw: object, policy: DemographicsPolicy, why: str | None = None
+) -> tuple[float, dict[str, Any]]:
     parsed = parse_age_years(raw, policy)
     if parsed is None:
-        return _defaulted("age", raw, policy)
+        return _defaulted("age", raw, policy, why)
     years, how = parsed
     low, high = policy.age_min_years, policy.age_max_years
     normalised = (years - low) / (high - low)
@@ -520,13 +620,19 @@ def _normalise_age(raw: object, policy: DemographicsPolicy) -> tuple[float, dict
 
 
 def _normalise_volume(
-    name: str, raw: object, policy: DemographicsPolicy
+    name: str, raw: object, policy: DemographicsPolicy, why: str | None = None
 ) -> tuple[float, dict[str, Any]]:
     if is_missing(raw):
-        return _defaulted(name, raw, policy)
-    number = _as_float(name, raw, "a volume (mm^3, or already normalised to [0, 1])")
+        return _defaulted(name, raw, policy, why)
+    try:
+        number = _as_float(name, raw, "a volume (mm^3, or already normalised to [0, 1])")
+    except DemographicsError as exc:
+        raise DemographicsError(str(exc), kind="volume_unparsed") from None
     if number < 0:
-        raise DemographicsError(f"{name}: {_raw_for_record(raw)!r} is negative (volumes are >= 0)")
+        raise DemographicsError(
+            f"{name}: {_raw_for_record(raw)!r} is negative (volumes are >= 0)",
+            kind="volume_unparsed",
+        )
     if number <= 1.0:
         return number, {
             "raw": _raw_for_record(raw),
@@ -543,7 +649,8 @@ def _normalise_volume(
             f"{name}: {number:g} looks like mm^3 (> 1), but no reference range is configured; "
             f"the upstream mm^3 -> [0, 1] mapping is unpublished, so set "
             f"{name}_range_mm3 = [low, high] in the demographics policy (min-max, an "
-            "approximation) or give the value already normalised to [0, 1]"
+            "approximation) or give the value already normalised to [0, 1]",
+            kind="volume_mm3_no_range",
         )
     low, high = reference
     normalised = (number - low) / (high - low)
@@ -572,7 +679,10 @@ def _normalise_volume(
 
 
 def normalise_demographics(
-    raw: Mapping[str, object], policy: DemographicsPolicy | None = None
+    raw: Mapping[str, object],
+    policy: DemographicsPolicy | None = None,
+    *,
+    missing_reasons: Mapping[str, str] | None = None,
 ) -> Conditioning:
     """Raw demographics -> :class:`Conditioning` (values in :data:`CONDITIONING_ORDER` order).
 
@@ -580,7 +690,8 @@ def normalise_demographics(
     ``brain_volume`` (mm^3, or already in [0, 1]); absent keys count as missing (then
     ``policy.defaults`` applies, else an error). Other keys are an error, so a misspelt
     column is not silently replaced by a default. Volumes <= 1 are taken as already
-    normalised.
+    normalised; missing volumes follow ``policy.missing_volumes``. ``missing_reasons``
+    (field -> text) is what a defaulted field's record gives as ``why`` (e.g. "no column").
     """
     policy = policy or DemographicsPolicy()
     unknown = sorted(set(raw) - set(CONDITIONING_ORDER))
@@ -588,12 +699,15 @@ def normalise_demographics(
         raise DemographicsError(
             f"{unknown[0]}: unknown demographics field (accepted: {', '.join(CONDITIONING_ORDER)})"
         )
-    sex, sex_record = _normalise_sex(raw.get("sex"), policy)
-    age, age_record = _normalise_age(raw.get("age"), policy)
+    why = dict(missing_reasons or {})
+    sex, sex_record = _normalise_sex(raw.get("sex"), policy, why.get("sex"))
+    age, age_record = _normalise_age(raw.get("age"), policy, why.get("age"))
     ventricles, ventricles_record = _normalise_volume(
-        "ventricular_volume", raw.get("ventricular_volume"), policy
+        "ventricular_volume", raw.get("ventricular_volume"), policy, why.get("ventricular_volume")
     )
-    brain, brain_record = _normalise_volume("brain_volume", raw.get("brain_volume"), policy)
+    brain, brain_record = _normalise_volume(
+        "brain_volume", raw.get("brain_volume"), policy, why.get("brain_volume")
+    )
     record = {
         "sex": sex_record,
         "age": age_record,

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from brain_ldm_nodes.demographics import (
+    BUNDLE_DEFAULTS,
     CONDITIONING_ORDER,
     Conditioning,
     DemographicsError,
@@ -120,7 +121,7 @@ def test_open_ended_age_with_error_policy_is_rejected():
         parse_age_years("89+", DemographicsPolicy(age_open_ended_policy="error"))
 
 
-@pytest.mark.parametrize("cell", [-3, "-3", "sixty", "63y", "inf", True, [63]])
+@pytest.mark.parametrize("cell", [-3, "-3", "sixty", "63 months", "6M", "inf", True, [63]])
 def test_negative_or_non_numeric_age_is_an_error_naming_the_field(cell):
     with pytest.raises(DemographicsError, match="^age: "):
         parse_age_years(cell, DemographicsPolicy())
@@ -212,9 +213,52 @@ def test_missing_value_without_default_is_an_error_naming_field_and_fix():
 
 def test_absent_key_counts_as_missing():
     raw = _raw()
-    del raw["brain_volume"]
-    with pytest.raises(DemographicsError, match="^brain_volume: missing value"):
+    del raw["age"]
+    with pytest.raises(DemographicsError, match="^age: missing value") as info:
         normalise_demographics(raw)
+    assert info.value.kind == "age_missing"
+
+
+@pytest.mark.parametrize("cell", [None, "n/a", "", " NA ", "unknown"])
+def test_missing_volume_takes_the_bundle_default_and_the_record_says_why(cell):
+    raw = _raw(ventricular_volume=cell)
+    del raw["brain_volume"]
+    conditioning = normalise_demographics(raw, missing_reasons={"brain_volume": "no column"})
+    assert conditioning.values[2:] == (0.2, 0.4)  # MONAI bundle inference.json
+    assert BUNDLE_DEFAULTS["ventricular_volume"] == 0.2 and BUNDLE_DEFAULTS["brain_volume"] == 0.4
+    brain = conditioning.record["brain_volume"]
+    assert brain["defaulted"] is True and brain["value"] == 0.4 and brain["why"] == "no column"
+    assert brain["default_source"].startswith("MONAI bundle default")
+    ventricles = conditioning.record["ventricular_volume"]
+    assert ventricles["defaulted"] is True and ventricles["why"]
+
+
+def test_missing_volumes_error_refuses_a_missing_volume_naming_the_switch():
+    raw = _raw(brain_volume="n/a")
+    with pytest.raises(DemographicsError, match="^brain_volume: missing value") as info:
+        normalise_demographics(raw, DemographicsPolicy(missing_volumes="error"))
+    assert info.value.kind == "volume_missing"
+    assert "--missing-volumes default" in str(info.value)
+
+
+def test_configured_volume_defaults_win_over_the_bundle_defaults():
+    policy = DemographicsPolicy(defaults={"brain_volume": 0.55})
+    conditioning = normalise_demographics(_raw(brain_volume="n/a"), policy)
+    assert conditioning.values[3] == 0.55
+    assert conditioning.record["brain_volume"]["default_source"] == "configured default"
+
+
+@pytest.mark.parametrize("cell, years", [("63y", 63.0), ("063Y", 63.0), ("45 years", 45.0),
+                                         (" 23.5 ", 23.5), ("89+", 89.0)])
+def test_ages_with_a_year_unit_are_read_as_years(cell, years):
+    assert parse_age_years(cell)[0] == years
+
+
+@pytest.mark.parametrize("age, kind", [(30, "age_below"), (90, "age_above")])
+def test_out_of_range_errors_say_which_side(age, kind):
+    with pytest.raises(DemographicsError) as info:
+        normalise_demographics(_raw(age=age))
+    assert info.value.kind == kind
 
 
 def test_bundle_defaults_preset_is_upstream_0_0_1_0_2_0_4():
