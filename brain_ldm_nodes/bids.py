@@ -48,6 +48,7 @@ from bids.layout import BIDSLayout
 
 from .demographics import (
     CONDITIONING_ORDER,
+    VOLUME_FIELDS,
     Conditioning,
     DemographicsError,
     DemographicsPolicy,
@@ -58,6 +59,7 @@ from .demographics import (
 )
 
 __all__ = [
+    "COLUMN_RULE",
     "DEFAULT_COLUMN_ALIASES",
     "MAX_PARTICIPANTS_TSV_BYTES",
     "BidsConfig",
@@ -69,17 +71,37 @@ __all__ = [
     "load_layout",
     "normalise_participant_label",
     "read_participants",
+    "default_column_rank",
 ]
 
 DEFAULT_COLUMN_ALIASES: Mapping[str, tuple[str, ...]] = MappingProxyType(
     {
-        "sex": ("sex", "gender"),
-        "age": ("age",),
+        "sex": ("sex", "biological_sex", "sex_at_birth", "gender"),
+        "age": ("age", "age_at_scan", "age_at_first_scan", "age_at_mri", "age_at_visit",
+                "age_at_session", "age_at_baseline"),
         "ventricular_volume": ("ventricular_volume", "ventricular_csf_volume", "vcsf"),
         "brain_volume": ("brain_volume", "brain_volume_norm"),
     }
 )
-"""Column names looked for, per conditioning field, in order of preference."""
+"""Column names looked for by default, per conditioning field (see :func:`default_column_rank`
+for the rule, which also accepts case, punctuation and unit variants of these)."""
+
+COLUMN_RULE = (
+    "names compare ignoring case, punctuation and a trailing unit; age: 'age' or "
+    "'age_at_<scan|mri|imaging|visit|session|acquisition|baseline...>' in years ('Age (years)', "
+    "'age_years', 'age_at_first_scan_years'; months are not read); sex: 'sex', "
+    "'biological_sex', 'sex_at_birth', else 'gender' ('Sex (M/F)'); two candidates of one "
+    "rank are an error"
+)
+"""The default column rule in words (for --help and error messages)."""
+
+_YEAR_UNITS = frozenset({"y", "yr", "yrs", "year", "years", "in_years", "in_yrs"})
+_NON_YEAR_UNITS = frozenset({"m", "mo", "mos", "month", "months", "in_months", "w", "wk", "wks",
+                             "week", "weeks", "in_weeks", "d", "day", "days", "in_days"})
+_AGE_EVENTS = ("scan", "mri", "imaging", "visit", "session", "acquisition", "baseline", "exam")
+_AGE_AT_RE = re.compile(rf"^age_at_(?:[a-z0-9]+_)*?(?:{'|'.join(_AGE_EVENTS)})(?:_[0-9a-z]+)*$")
+_SEX_RANKS = {"sex": 0, "biological_sex": 0, "sex_at_birth": 0, "assigned_sex": 0, "gender": 1}
+_BRACKET_RE = re.compile(r"\s*[(\[{]([^)\]}]*)[)\]}]\s*$")
 
 MAX_PARTICIPANTS_TSV_BYTES = 50 * 1024 * 1024
 """participants.tsv files larger than this (50 MiB) are refused rather than read."""
@@ -121,6 +143,51 @@ def normalise_participant_label(label: str, *, what: str = "participant label") 
 def _column_key(name: str) -> str:
     """How column names are compared: case-folded, trimmed, spaces/hyphens as underscores."""
     return re.sub(r"[\s\-]+", "_", name.strip()).casefold()
+
+
+def _words_key(text: str) -> str:
+    """Lower-case words joined by underscores: ``"Age at first scan"`` -> ``age_at_first_scan``."""
+    return re.sub(r"[^0-9a-z]+", "_", text.casefold()).strip("_")
+
+
+def default_column_rank(field_name: str, column: str) -> int | None:
+    """How well a ``participants.tsv`` header names ``field_name`` under the default rule:
+    0 (best) or 1 (``gender`` for sex), None when it does not name it.
+
+    The rule (:data:`COLUMN_RULE`): case, surrounding space and punctuation do not count
+    (``"Age (years)"``, ``"AGE"``, ``"age-years"``), nor a leading ``participant_`` /
+    ``subject_``. A trailing unit, in brackets or as the last word, must be a year unit for
+    age (``age_years``, ``Age (y)``; ``age_months`` is not an age in years); brackets after
+    sex name codes (``"Sex (M/F)"``). Age: ``age`` or ``age_at_<...scan/mri/imaging/visit/
+    session/acquisition/baseline/exam...>`` (not ``age_at_onset``). Sex: ``sex``,
+    ``biological_sex``, ``sex_at_birth``, ``assigned_sex`` (rank 0), else ``gender``
+    (rank 1). Volumes: :data:`DEFAULT_COLUMN_ALIASES` as :func:`_column_key` compares.
+    """
+    text = column.strip().casefold()
+    note = None
+    bracket = _BRACKET_RE.search(text)
+    if bracket:
+        note, text = _words_key(bracket.group(1)), text[: bracket.start()]
+    key = _words_key(text)
+    for prefix in ("participant_", "subject_"):
+        key = key.removeprefix(prefix)
+    if field_name == "age":
+        words = key.split("_")
+        for size in (2, 1):  # "age_in_years", "age_years"
+            tail = "_".join(words[-size:])
+            if len(words) > size and tail in _YEAR_UNITS:
+                words = words[:-size]
+                break
+            if len(words) > size and tail in _NON_YEAR_UNITS:
+                return None
+        if note is not None and note not in _YEAR_UNITS:
+            return None
+        key = "_".join(words)
+        return 0 if key == "age" or _AGE_AT_RE.match(key) else None
+    if field_name == "sex":
+        return _SEX_RANKS.get(key)
+    aliases = {_column_key(alias) for alias in DEFAULT_COLUMN_ALIASES.get(field_name, ())}
+    return 0 if _column_key(column) in aliases else None
 
 
 @dataclass(frozen=True)
@@ -386,14 +453,44 @@ def _participants_files(layout: BIDSLayout, root: Path) -> tuple[Path, Path | No
     return tsv, at_root(".json")
 
 
+_LOOKED_FOR = {
+    "sex": "sex, biological_sex, gender...",
+    "age": "age, age_at_<scan...>, in years",
+    "ventricular_volume": "ventricular_volume, vcsf...",
+    "brain_volume": "brain_volume...",
+}
+
+
+def _looked_for(config: BidsConfig, name: str) -> str:
+    """What was looked for, in a few words (never the header's column names)."""
+    aliases = config.columns[name]
+    if aliases == DEFAULT_COLUMN_ALIASES[name] and name in _LOOKED_FOR:
+        return _LOOKED_FOR[name]
+    return _shorten(list(aliases), limit=4)
+
+
+def _similar(tsv: _Tsv, name: str) -> list[str]:
+    """Header names that mention the field's main word (e.g. 'age_months' for age)."""
+    words = {"sex": ("sex", "gender"), "age": ("age",),
+             "ventricular_volume": ("ventric", "csf", "vcsf"), "brain_volume": ("brain",)}[name]
+    return [column for column in tsv.header
+            if any(word in _words_key(column).split("_") or
+                   (len(word) > 4 and word in _words_key(column)) for word in words)]
+
+
 def _find_columns(
     tsv: _Tsv, config: BidsConfig, path: Path
 ) -> tuple[int, dict[str, int | None]]:
-    """Index of ``participant_id`` and of each field's column (None when absent)."""
+    """Index of ``participant_id`` and of each field's column (None when absent).
+
+    Fields whose aliases are the defaults follow :func:`default_column_rank` (two columns of
+    the best rank are an error naming both); configured aliases are matched as
+    :func:`_column_key` compares them, first alias found wins.
+    """
     keys = [_column_key(name) if name else "" for name in tsv.header]
     id_columns = [i for i, key in enumerate(keys) if key == "participant_id"]
     if not id_columns:
-        found = ", ".join(repr(name) for name in tsv.header)
+        found = _shorten([repr(name) for name in tsv.header], limit=4)
         hint = ""
         if len(tsv.header) == 1 and "," in tsv.header[0]:
             hint = "; it looks comma-separated, but BIDS .tsv files are tab-separated"
@@ -409,6 +506,23 @@ def _find_columns(
     columns: dict[str, int | None] = {}
     for name, aliases in config.columns.items():
         columns[name] = None
+        if aliases == DEFAULT_COLUMN_ALIASES[name]:
+            ranked: dict[int, list[int]] = {}
+            for i, column in enumerate(tsv.header):
+                rank = default_column_rank(name, column) if column and i not in id_columns else None
+                if rank is not None:
+                    ranked.setdefault(rank, []).append(i)
+            if ranked:
+                best = ranked[min(ranked)]
+                if len(best) > 1:
+                    both = " and ".join(repr(tsv.header[i]) for i in best[:3])
+                    raise BidsDatasetError(
+                        f"{path}: columns {both} could each be the {name}; name the one to use "
+                        f'in --demographics-config ({{"columns": {{"{name}": '
+                        f'["{tsv.header[best[0]]}"]}}}})'
+                    )
+                columns[name] = best[0]
+            continue
         for alias in aliases:
             hits = [i for i, key in enumerate(keys) if key == _column_key(alias)]
             if len(hits) > 1:
@@ -420,16 +534,17 @@ def _find_columns(
                 columns[name] = hits[0]
                 break
     lacking = [
-        f"{name} (looked for: {', '.join(config.columns[name])})"
-        for name in CONDITIONING_ORDER
-        if columns[name] is None and name not in config.policy.defaults
+        name for name in CONDITIONING_ORDER
+        if columns[name] is None and config.policy.default_for(name) is None
     ]
     if lacking:
-        raise BidsDatasetError(
-            f"{path}: no column for {' or '.join(lacking)}; "
-            f"found: {', '.join(repr(name) for name in tsv.header)} (name the column in the "
-            'configuration\'s "columns", or set a policy default)'
-        )
+        similar = list(dict.fromkeys(c for name in lacking for c in _similar(tsv, name)))
+        seen = f"; similar: {_shorten([repr(c) for c in similar], limit=2)}" if similar else ""
+        looked = ", ".join(f"{name} ({_looked_for(config, name)})" for name in lacking)
+        fix = 'name yours in --demographics-config "columns" (participants.json: what each holds)'
+        if all(name in VOLUME_FIELDS for name in lacking):
+            fix = "--missing-volumes default takes the bundle defaults"
+        raise BidsDatasetError(f"{path}: no column for {looked}{seen}; {fix}")
     return id_columns[0], columns
 
 
@@ -501,7 +616,7 @@ def _sex_codes_from_levels(
         try:
             value = parse_sex(description, word_policy)
         except DemographicsError:
-            value = None
+            value = _sex_from_words(description, word_policy)
         if value is None:
             unrecognised[canonical_code(str(code))] = description
         else:
@@ -522,6 +637,14 @@ def _sex_codes_from_levels(
             )
     merged = {**described, **policy.sex_codes}
     return replace(policy, sex_codes=merged), unrecognised
+
+
+def _sex_from_words(description: str, policy: DemographicsPolicy) -> float | None:
+    """The sex a description like "male participant" names: its words that are sex words
+    (not single letters) must all agree; None otherwise ("other", "prefer not to say")."""
+    words = re.findall(r"[a-z]+", description.casefold())
+    found = {policy.sex_codes[w] for w in words if len(w) > 1 and w in policy.sex_codes}
+    return found.pop() if len(found) == 1 else None
 
 
 def _check_numeric_sex(
@@ -554,6 +677,10 @@ class Participant:
     * ``conditioning``: the normalised values and their record, when usable.
     * ``skip_reason``: one line naming the file, row, column, the problem and what is
       accepted, when not.
+    * ``skip_kind``: the reason in a word, for grouping: a
+      :data:`~brain_ldm_nodes.demographics.SKIP_KINDS` entry, ``sex_other`` (Levels
+      describe the code as neither female nor male), ``no_row``, ``no_folder``,
+      ``shifted_row`` or ``other``.
     """
 
     label: str
@@ -561,10 +688,13 @@ class Participant:
     raw: Mapping[str, str]
     conditioning: Conditioning | None = None
     skip_reason: str | None = None
+    skip_kind: str | None = None
 
     def __post_init__(self) -> None:
         if (self.conditioning is None) == (self.skip_reason is None):
             raise ValueError("a Participant has either conditioning or a skip_reason")
+        if self.skip_reason is not None and self.skip_kind is None:
+            object.__setattr__(self, "skip_kind", "other")
         object.__setattr__(self, "raw", MappingProxyType(dict(self.raw)))
 
     @property
@@ -585,6 +715,7 @@ class Participant:
             "conditioning": None if conditioning is None else conditioning.as_dict(),
             "record": None if conditioning is None else dict(conditioning.record),
             "skip_reason": self.skip_reason,
+            "skip_kind": self.skip_kind,
         }
 
 
@@ -777,8 +908,8 @@ class _Reader:
 
     def participant(self, label: str) -> Participant:
         if label not in self.rows:
-            reason = f"sub-{label}: no row in {self.name} (add one with its sex, age and volumes)"
-            return Participant(label, None, {}, skip_reason=reason)
+            reason = f"sub-{label}: no row in {self.name} (add one with its sex and age)"
+            return Participant(label, None, {}, skip_reason=reason, skip_kind="no_row")
         number, cells = self.rows[label]
         where = f"{self.name} row {number} (sub-{label})"
         raw = {
@@ -791,7 +922,8 @@ class _Reader:
             indexed_nothing = "holds no files that pybids indexes as BIDS"
             what = indexed_nothing if folder.is_dir() else "does not exist"
             return Participant(
-                label, number, raw, skip_reason=f"{where}: folder sub-{label}/ {what}"
+                label, number, raw, skip_reason=f"{where}: folder sub-{label}/ {what}",
+                skip_kind="no_folder",
             )
         if any(cells[len(self.header):]):
             return Participant(
@@ -801,16 +933,29 @@ class _Reader:
                 skip_reason=f"{where}: {len(cells)} cells but the header has "
                 f"{len(self.header)} columns, so its values may be shifted (accepted: one "
                 "tab-separated cell per header column)",
+                skip_kind="shifted_row",
             )
         values = {
             field_name: (cells[i] if i < len(cells) else None)
             for field_name, i in self.columns.items()
             if i is not None
         }
+        why = {}
+        for field_name, index in self.columns.items():
+            if index is None:
+                why[field_name] = f"{self.name} has no {field_name} column"
+            else:
+                cell = values.get(field_name) or ""
+                why[field_name] = f"{where}, column '{self.header[index]}' is '{cell}'"
         try:
-            conditioning = normalise_demographics(values, self.policy)
+            conditioning = normalise_demographics(values, self.policy, missing_reasons=why)
         except DemographicsError as exc:
-            return Participant(label, number, raw, skip_reason=self._reason(where, exc, values))
+            kind = exc.kind or "other"
+            cell = values.get("sex") or ""
+            if kind == "sex_unknown" and cell and canonical_code(cell) in self.unrecognised_levels:
+                kind = "sex_other"
+            return Participant(label, number, raw, skip_reason=self._reason(where, exc, values),
+                               skip_kind=kind)
         return Participant(label, number, raw, conditioning=conditioning)
 
     def _reason(

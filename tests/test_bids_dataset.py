@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from brain_ldm_nodes.bids import (
+    DEFAULT_COLUMN_ALIASES,
     MAX_PARTICIPANTS_TSV_BYTES,
     BidsConfig,
     BidsConfigError,
@@ -115,7 +116,7 @@ def test_ds_messy_reads_bom_crlf_padded_headers_and_mixed_sex_codes():
     assert dict(table["01"].raw) == {
         "Gender": "M", "Age": "63", "VCSF": "0.31", "Brain_Volume": "0.52"
     }
-    assert [p.label for p in table.usable] == ["01", "02", "05"]
+    assert [p.label for p in table.usable] == ["01", "02", "05", "08"]  # 08: VCSF N/A
 
 
 def test_ds_messy_ages_outside_44_82_are_skipped_under_the_default_error_policy():
@@ -154,8 +155,17 @@ def test_ds_messy_missing_values_skip_without_defaults_and_use_bundle_defaults_w
         "participants.tsv row 7 (sub-06), column 'Age': missing value ('n/a') and no "
         "default configured (provide it, or set defaults['age'] in the demographics policy)"
     )
+    assert table["06"].skip_kind == "age_missing"
     assert "row 8 (sub-07), column 'Gender': missing value" in table["07"].skip_reason
-    assert "row 9 (sub-08), column 'VCSF': missing value ('N/A')" in table["08"].skip_reason
+    assert table["07"].skip_kind == "sex_missing"
+    # a missing volume cell takes the bundle default, recorded with the row and cell
+    assert _values(table, "08") == (1.0, 1.0, 0.2, 0.4)
+    vcsf = table["08"].conditioning.record["ventricular_volume"]
+    assert vcsf["defaulted"] and vcsf["value"] == 0.2
+    assert vcsf["why"] == "participants.tsv row 9 (sub-08), column 'VCSF' is 'N/A'"
+    strict = _read_example("ds-messy", _policy_config(missing_volumes="error"))
+    assert "row 9 (sub-08), column 'VCSF': missing value ('N/A')" in strict["08"].skip_reason
+    assert strict["08"].skip_kind == "volume_missing"
 
     defaults = read_participants(
         EXAMPLES / "ds-messy",
@@ -191,7 +201,7 @@ def test_ds_mismatch_reports_the_row_without_folder_and_the_folder_without_row()
     assert table.labels == ("01", "02", "03", "04")
     assert [p.label for p in table.usable] == ["01", "02"]
     assert table["03"].skip_reason == (
-        "sub-03: no row in participants.tsv (add one with its sex, age and volumes)"
+        "sub-03: no row in participants.tsv (add one with its sex and age)"
     )
     assert table["03"].row is None and not table["03"].raw
     assert table["04"].skip_reason == (
@@ -200,14 +210,24 @@ def test_ds_mismatch_reports_the_row_without_folder_and_the_folder_without_row()
     assert table["04"].raw["age"] == "48"
 
 
-def test_ds_volumes_mm3_is_refused_without_its_config_naming_the_aliases_looked_for():
+def test_ds_volumes_mm3_without_its_config_uses_the_bundle_volume_defaults():
+    table = _read_example("ds-volumes-mm3")  # its columns vcsf_mm3, brain_volume_mm3 unnamed
+    assert table.columns["ventricular_volume"] is None and table.columns["brain_volume"] is None
+    assert [_values(table, label)[2:] for label in table.labels] == [(0.2, 0.4)] * 3
+    record = table["01"].conditioning.record["brain_volume"]
+    assert record["why"] == "participants.tsv has no brain_volume column"
+
+
+def test_ds_volumes_mm3_with_missing_volumes_error_is_refused_in_one_short_line():
     with pytest.raises(BidsDatasetError) as info:
-        _read_example("ds-volumes-mm3")
+        _read_example("ds-volumes-mm3", _policy_config(missing_volumes="error"))
     message = str(info.value)
     assert "ds-volumes-mm3/participants.tsv: no column for ventricular_volume" in message
-    assert "(looked for: ventricular_volume, ventricular_csf_volume, vcsf)" in message
-    assert "brain_volume (looked for: brain_volume, brain_volume_norm)" in message
-    assert "'vcsf_mm3'" in message
+    assert "(ventricular_volume, vcsf...)" in message
+    assert "brain_volume (brain_volume...)" in message
+    assert "similar: 'vcsf_mm3', 'brain_volume_mm3'" in message
+    assert "--missing-volumes default" in message
+    assert len(message.split("participants.tsv", 1)[1]) <= 200
 
 
 def test_ds_volumes_mm3_with_its_shipped_config_min_max_scales_and_clips():
@@ -406,14 +426,17 @@ def test_duplicate_participant_ids_are_refused_naming_the_rows(tmp_path):
 def test_two_columns_matching_the_same_alias_are_refused_naming_both(tmp_path):
     header = "participant_id\tsex\tage\tventricular_volume\tbrain_volume\tSex "
     root = _dataset(tmp_path / "ds", _tsv("sub-01\tM\t63\t0.2\t0.3\tM", header=header))
-    with pytest.raises(BidsDatasetError, match=r"columns 2 \('sex'\), 6 \('Sex'\) all match 'sex'"):
+    with pytest.raises(BidsDatasetError, match=r"columns 'sex' and 'Sex' could each be the sex"):
         read_participants(root)
+    config = BidsConfig(columns={"sex": ["sex"]})
+    with pytest.raises(BidsDatasetError, match=r"columns 2 \('sex'\), 6 \('Sex'\) all match 'sex'"):
+        read_participants(root, config)
 
 
 def test_missing_age_column_without_a_default_is_refused_naming_the_aliases(tmp_path):
     header = "participant_id\tsex\tventricular_volume\tbrain_volume"
     root = _dataset(tmp_path / "ds", _tsv("sub-01\tM\t0.2\t0.3", header=header))
-    with pytest.raises(BidsDatasetError, match=r"no column for age \(looked for: age\); found:"):
+    with pytest.raises(BidsDatasetError, match=r"no column for age \(age, age_at_<scan\.\.\.>, in years\); name yours in --demographics-config"):
         read_participants(root)
 
 
@@ -535,9 +558,10 @@ def test_row_with_more_cells_than_the_header_is_skipped(tmp_path):
 def test_short_row_treats_the_absent_trailing_cells_as_missing(tmp_path):
     rows = ("sub-01\tM\t63\t0.2",)
     root = _dataset(tmp_path / "ds", _tsv(*rows), subjects=("01",))
-    assert "column 'brain_volume': missing value" in read_participants(root)["01"].skip_reason
-    table = read_participants(root, _policy_config(defaults={"brain_volume": 0.4}))
-    assert _values(table, "01") == (1.0, 0.5, 0.2, 0.4)
+    strict = read_participants(root, _policy_config(missing_volumes="error"))
+    assert "column 'brain_volume': missing value" in strict["01"].skip_reason
+    table = read_participants(root, _policy_config(defaults={"brain_volume": 0.45}))
+    assert _values(table, "01") == (1.0, 0.5, 0.2, 0.45)
 
 
 def test_rows_without_a_valid_participant_id_become_problems_not_participants(tmp_path):
@@ -591,7 +615,7 @@ def test_config_round_trips_through_to_dict_and_a_json_file(tmp_path):
         {"columns": {"age": ["age_years", "age"]}, "policy": {"out_of_range": "clip"}}
     )
     assert config.columns["age"] == ("age_years", "age")
-    assert config.columns["sex"] == ("sex", "gender")  # untouched fields keep defaults
+    assert config.columns["sex"] == DEFAULT_COLUMN_ALIASES["sex"]  # untouched: defaults
     path = tmp_path / "config.json"
     path.write_text(json.dumps(config.to_dict()))
     assert BidsConfig.from_json(path) == config
