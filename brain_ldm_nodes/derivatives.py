@@ -47,6 +47,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import socket
 import time
@@ -81,7 +82,11 @@ __all__ = [
     "OutputLock",
     "ParticipantLocks",
     "assess",
+    "bare_doi",
+    "check_creatable",
     "check_locations",
+    "check_raw_link",
+    "counterfactual_sidecars",
     "dataset_description",
     "derive_seed",
     "image_relative_path",
@@ -94,7 +99,9 @@ __all__ = [
     "read_own_description",
     "refresh_sidecar",
     "default_work_dir",
+    "remove_image",
     "remove_stale_temporaries",
+    "stale_synthetic_images",
     "remove_stale_top_level_temporaries",
     "sidecar_path",
     "write_dataset_files",
@@ -680,7 +687,12 @@ def plan_counterfactuals(
         for image in images:
             path = Path(image).resolve()
             relative = path.relative_to(root).as_posix()
-            digest = file_sha256(path)
+            try:
+                digest = file_sha256(path)
+            except OSError as exc:
+                notes.append(f"{relative}: cannot read it ({exc.strerror or exc}); no "
+                             "counterfactual of it (existing ones are left as they are)")
+                continue
             for target, edit, point in targets:
                 requests.append(CounterfactualRequest(
                     participant=participant, source=path, source_relative=relative,
@@ -870,6 +882,75 @@ def check_locations(
         raise OutputDirError(
             f"-w/--work-dir {work_dir} is output_dir itself; Nipype's folders would mix with the "
             f"derivatives (default: output_dir/{DEFAULT_WORK_DIR_NAME})"
+        )
+
+
+def check_creatable(output_dir: Path) -> None:
+    """Refuse an ``output_dir`` that cannot be created or written, without creating it:
+    its nearest existing ancestor must be a folder this process may write into.
+    Raises :class:`OutputDirError` (the words :func:`prepare_output_dir` would use)."""
+    path = Path(output_dir).expanduser().resolve()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    problem = None
+    if not existing.is_dir():
+        problem = os.strerror(20)  # ENOTDIR: "Not a directory"
+    elif not os.access(existing, os.W_OK | os.X_OK):
+        problem = os.strerror(13)  # EACCES: "Permission denied"
+    if problem is not None:
+        what = "not writable" if existing == path else "cannot create it"
+        raise OutputDirError(
+            f"output_dir {path}: {what} ({problem}); choose a folder you can write to"
+        )
+
+
+def stale_synthetic_images(
+    output_dir: str | os.PathLike[str], label: str, n_samples: int
+) -> list[Path]:
+    """Synthetic images of ``sub-<label>`` that a request for ``n_samples`` images does not
+    produce: ``sub-<label>_desc-synthetic_T1w`` when ``n_samples > 1``, ``_run-<k>_`` ones
+    when ``n_samples == 1`` or ``k > n_samples`` (sweeps and counterfactuals are not touched).
+    """
+    folder = Path(output_dir) / f"sub-{label}" / "anat"
+    wanted = {image_relative_path(label, i, n_samples).name for i in range(n_samples)}
+    pattern = re.compile(rf"^sub-{re.escape(label)}(?:_run-[1-9][0-9]*)?_desc-{DESC}_T1w\.nii\.gz$")
+    found = [path for path in folder.glob(f"sub-{label}*_desc-{DESC}_T1w.*")]
+    images = {p if p.name.endswith(".nii.gz") else p.with_name(p.name[:-5] + ".nii.gz")
+              for p in found if p.name.endswith((".nii.gz", ".json"))}
+    return sorted(p for p in images if pattern.match(p.name) and p.name not in wanted)
+
+
+def remove_image(image: Path) -> None:
+    """Remove an output image and its sidecar: the sidecar first, so that an interrupted
+    removal leaves at most an image without a sidecar (left out of the group report, and
+    removed or redone by the next run), never a sidecar describing a missing image."""
+    sidecar_path(image).unlink(missing_ok=True)
+    image.unlink(missing_ok=True)
+
+
+def counterfactual_sidecars(output_dir: str | os.PathLike[str]) -> list[Path]:
+    """The sidecars of every counterfactual image in ``output_dir``."""
+    folder = Path(output_dir)
+    return sorted([*folder.glob(f"sub-*/anat/*_desc-{COUNTERFACTUAL_DESC}*_T1w.json"),
+                   *folder.glob(f"sub-*/ses-*/anat/*_desc-{COUNTERFACTUAL_DESC}*_T1w.json")])
+
+
+def check_raw_link(
+    existing: Mapping[str, Any] | None, raw_link: str, output_dir: Path
+) -> None:
+    """Refuse to re-point ``DatasetLinks.raw`` while counterfactuals made from the dataset it
+    names are in ``output_dir``: their ``bids:raw:`` sources would then name files of another
+    dataset. Raises :class:`OutputDirError` naming both links and what to do."""
+    old = ((existing or {}).get("DatasetLinks") or {}).get("raw")
+    if not old or old == raw_link:
+        return
+    made = counterfactual_sidecars(output_dir)
+    if made:
+        raise OutputDirError(
+            f"output_dir {output_dir}: its {len(made)} counterfactuals name sources in {old} "
+            f"(DatasetLinks.raw), this run reads {raw_link}; use another output_dir, or remove "
+            "them first"
         )
 
 
@@ -1142,22 +1223,42 @@ def dataset_description(
         "GeneratedBy": [_generated_by()],
         "HowToAcknowledge": f"Cite the Brain LDM: {REFERENCE}.",
     }
-    doi = str(source.get("DatasetDOI") or "").strip()
-    if doi:
-        bare = doi.removeprefix("doi:")
-        description["SourceDatasets"] = [{"DOI": doi, "URL": f"https://doi.org/{bare}"}]
+    bare = bare_doi(source.get("DatasetDOI"))
+    if bare:
+        description["SourceDatasets"] = [{"DOI": f"doi:{bare}", "URL": f"https://doi.org/{bare}"}]
     if raw_link:
         description["DatasetLinks"] = {"raw": raw_link}
     return description
+
+
+_DOI_PREFIX_RE = re.compile(
+    r"^(?:doi:\s*|(?:https?://)?(?:dx\.)?doi\.org/)", re.IGNORECASE
+)
+_DOI_RE = re.compile(r"^10\.\d{4,9}/\S+$")
+
+
+def bare_doi(value: Any) -> str | None:
+    """The DOI in a ``DatasetDOI`` value, without prefix (``10.18112/openneuro.ds000001.v1``),
+    or None when there is none: empty, ``n/a`` and other text that is not ``10.<n>/<suffix>``.
+
+    Accepted spellings: ``10.x/y``, ``doi:10.x/y``, ``https://doi.org/10.x/y``,
+    ``http://dx.doi.org/10.x/y``, ``doi.org/10.x/y`` (any case, surrounding space).
+    """
+    if not isinstance(value, str):
+        return None
+    text = value.strip()
+    for _ in range(2):  # "doi:https://doi.org/10..." seen in the wild
+        text = _DOI_PREFIX_RE.sub("", text).strip()
+    return text if _DOI_RE.match(text) else None
 
 
 def raw_dataset_link(source: Mapping[str, Any], bids_dir: Path, output_dir: Path) -> str:
     """What ``DatasetLinks.raw`` names: the source's ``DatasetDOI`` (``doi:...``) when it has
     one, else the path of ``bids_dir`` relative to ``output_dir`` (e.g. ``../..`` for
     ``bids_dir/derivatives/brain-ldm``), so that moving both together keeps it valid."""
-    doi = str((source or {}).get("DatasetDOI") or "").strip()
-    if doi:
-        return doi if doi.startswith("doi:") else f"doi:{doi}"
+    bare = bare_doi((source or {}).get("DatasetDOI"))
+    if bare:
+        return f"doi:{bare}"
     return Path(os.path.relpath(Path(bids_dir).resolve(), Path(output_dir).resolve())).as_posix()
 
 
@@ -1199,7 +1300,8 @@ def _merged_description(existing: Mapping[str, Any] | None, new: dict[str, Any])
     merged["BIDSVersion"], merged["DatasetType"] = new["BIDSVersion"], new["DatasetType"]
     others = [g for g in existing.get("GeneratedBy") or [] if g.get("Name") != GENERATED_BY]
     merged["GeneratedBy"] = new["GeneratedBy"] + others
-    sources = list(existing.get("SourceDatasets") or [])
+    sources = [s for s in existing.get("SourceDatasets") or []  # drop "https://doi.org/n/a"
+               if not isinstance(s, Mapping) or "DOI" not in s or bare_doi(s["DOI"])]
     sources += [s for s in new.get("SourceDatasets", []) if s not in sources]
     if sources:
         merged["SourceDatasets"] = sources

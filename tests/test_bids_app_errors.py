@@ -102,6 +102,19 @@ def no_levels_numeric_sex(ctx: Ctx) -> list[object]:
     return ctx.participant()
 
 
+def two_age_columns(ctx: Ctx) -> list[object]:
+    lines = ctx.tsv.read_text().splitlines()
+    ctx.tsv.write_text("\n".join(f"{line}\t{'age_at_first_scan_years' if i == 0 else '50'}"
+                                 for i, line in enumerate(lines)) + "\n")
+    return ctx.participant()
+
+
+def no_volume_columns_strict(ctx: Ctx) -> list[object]:
+    lines = [line.split("\t")[:3] for line in ctx.tsv.read_text().splitlines()]
+    ctx.tsv.write_text("\n".join("\t".join(cells) for cells in lines) + "\n")
+    return ctx.participant("--missing-volumes", "error")
+
+
 def no_description(ctx: Ctx) -> list[object]:
     (ctx.dataset / "dataset_description.json").unlink()
     return ctx.participant()
@@ -242,7 +255,24 @@ BAD = {
         replacing("sub-03\t", "sub-01\t"), 1, (
             "participants.tsv: duplicate participant_id: sub-01 in rows 2, 4",)),
     "no age column": Case(replacing("\tage\t", "\tyears\t"), 1, (
-        "participants.tsv: no column for age (looked for: age)", "found: 'participant_id'")),
+        "participants.tsv: no column for age (age, age_at_<scan...>, in years); name yours in "
+        '--demographics-config "columns"',)),
+    "two age columns": Case(two_age_columns, 1, (
+        "participants.tsv: columns 'age' and 'age_at_first_scan_years' could each be the age; "
+        "name the one to use in --demographics-config",)),
+    "no volume columns under --missing-volumes error": Case(no_volume_columns_strict, 1, (
+        "participants.tsv: no column for ventricular_volume (ventricular_volume, vcsf...), "
+        "brain_volume (brain_volume...); --missing-volumes default takes the bundle defaults",)),
+    "--out-of-range not a choice": Case(args("--out-of-range", "maybe"), 2, (
+        "argument --out-of-range: invalid choice: 'maybe' (choose from",)),
+    "--volume-defaults outside [0, 1]": Case(args("--volume-defaults", "0.2", "4"), 2, (
+        "argument --volume-defaults: 4 is outside [0, 1] (accepted: a normalised volume",)),
+    "--volume-defaults one value": Case(args("--volume-defaults", "0.2"), 2, (
+        "argument --volume-defaults: expected 2 arguments",)),
+    "output_dir that cannot be created, before the model is looked at": Case(
+        lambda c: output_under_a_file(c)[:3] + ["--model", c.tmp / "no-model",
+                                                "--num-inference-steps", STEPS], 1, (
+            "a-file/out: cannot create it (Not a directory); choose a folder you can write to",)),
     "numeric sex codes nobody explains": Case(no_levels_numeric_sex, 1, (
         "column 'sex' holds only numeric codes (1, 2)", "participants.json")),
     "missing dataset_description.json": Case(no_description, 1, (
@@ -392,8 +422,11 @@ def test_odd_participant_values_skip_that_participant_with_a_reason(ctx, name):
     assert outcome.code == 0, outcome.err
     assert outcome.err == ""
     summary = outcome.out[outcome.out.index("summary:"):]
-    for text in case.expected:
-        assert text in summary
+    for text in case.expected:  # one line per skipped participant, before the summary
+        assert len([line for line in outcome.out.splitlines() if text in line]) == 1, text
+    assert "skipped sub-" not in summary  # the summary groups them, one line per reason
+    if "1 participants skipped" in summary:
+        assert len([line for line in summary.splitlines() if " 1 participant " in line]) == 1
 
 
 def test_at_least_thirty_bad_or_odd_inputs_are_covered():

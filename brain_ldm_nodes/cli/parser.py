@@ -11,9 +11,11 @@ from .._version import __version__
 DESCRIPTION = """\
 brain-ldm-bids: synthetic T1w images from a BIDS dataset's participants.tsv.
 
-For every participant, sex, age (and, if present, ventricular CSF and brain volume) are read
-from participants.tsv, normalised to the Brain LDM's conditioning ([sex, age,
-ventricular_volume, brain_volume] in [0, 1]) and used to sample synthetic T1w images, written
+For every participant, sex and age are read from participants.tsv (and ventricular CSF and
+brain volume where it has columns for them; where not, every participant gets the MONAI
+bundle's defaults, ventricular 0.2 and brain 0.4, said once and recorded in each sidecar),
+normalised to the Brain LDM's conditioning ([sex, age, ventricular_volume, brain_volume] in
+[0, 1]) and used to sample synthetic T1w images, written
 as a BIDS derivative dataset: sub-<label>/anat/sub-<label>_desc-synthetic_T1w.nii.gz + .json
 (with --n-samples N > 1: sub-<label>_run-<1..N>_desc-synthetic_T1w). Re-runs skip images that
 are complete and match the request. The 'group' level summarises output_dir: group/images.tsv
@@ -34,6 +36,17 @@ examples:
       --counterfactual age=+10 --sweep age=50:80:10
   # synthetic images plus, per participant, sex F and M from one seed:
   brain-ldm-bids /data/ds /data/ds/derivatives/brain-ldm participant --sweep sex=F,M
+
+participants.tsv:
+  columns are found by name, ignoring case, punctuation and a trailing unit: age is 'age' or
+  'age_at_<scan|mri|imaging|visit|session|acquisition|baseline...>' in years ('Age (years)',
+  'age_years', 'age_at_first_scan_years'; 'age_months' is not read), sex is 'sex',
+  'biological_sex' or 'sex_at_birth', else 'gender' ('Sex (M/F)'); two candidates for one
+  field are an error naming both. Sex codes: M/F/male/female (any case), others through
+  participants.json Levels. Ages: 63, 63.5, '63y', ranges '35-40' (midpoint), '89+' (89).
+  'n/a' or empty: missing (a missing sex or age skips the participant). Ages outside the
+  training range 44-82 y skip the participant unless --out-of-range clip or allow. The run
+  ends with the skipped participants grouped by reason, each with what would include them.
 
 environment:
   BRAIN_LDM_MODEL      default for --model (BRAIN_LDM_MODEL_REVISION: its --revision)
@@ -91,6 +104,20 @@ def _non_negative_int(value: str) -> int:
 
 
 _JSON_EXAMPLE = """'{"sbatch_args": "-p short"}'"""
+
+
+def _unit_interval(value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{value!r} is not a number (accepted: a normalised volume in [0, 1], e.g. 0.2)"
+        ) from None
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(
+            f"{value} is outside [0, 1] (accepted: a normalised volume, e.g. 0.2)"
+        )
+    return number
 
 
 def _json_object(value: str) -> dict:
@@ -175,9 +202,24 @@ def get_parser() -> argparse.ArgumentParser:
     selection.add_argument("--skip-bids-validation", "--skip_bids_validation", action="store_true",
                            help="do not validate bids_dir with pybids (a missing dataset_description.json "
                                 "is then tolerated)")
-    selection.add_argument("--demographics-config", type=Path, metavar="JSON",
-                           help="demographics policy: column names, sex codes, volume reference ranges "
-                                "(mm³), out-of-range policy, defaults (see README)")
+    table = parser.add_argument_group("reading participants.tsv")
+    table.add_argument("--demographics-config", type=Path, metavar="JSON",
+                       help="column names, sex codes, mm³ volume reference ranges and other "
+                            "policy settings (format: bids_examples/README.md); the flags below "
+                            "override the file")
+    table.add_argument("--out-of-range", choices=["error", "clip", "allow"], default=None,
+                       help="normalised values outside [0, 1] (e.g. ages outside 44-82 y): "
+                            "'error' skips the participant (default), 'clip' uses the range "
+                            "edge, 'allow' extrapolates; either is recorded in the sidecar")
+    table.add_argument("--missing-volumes", choices=["default", "error"], default=None,
+                       help="a volume with no column, or an empty/'n/a' cell: 'default' "
+                            "(default) uses the volume defaults and records it in the "
+                            "sidecar; 'error' refuses a table without the columns and skips "
+                            "participants with an empty cell")
+    table.add_argument("--volume-defaults", nargs=2, type=_unit_interval, default=None,
+                       metavar=("VENTRICULAR", "BRAIN"),
+                       help="normalised ventricular and brain volume used when missing "
+                            "(default: the MONAI bundle's 0.2 0.4)")
 
     model = parser.add_argument_group("model and sampling")
     model.add_argument("--model", default=None,
@@ -199,7 +241,7 @@ def get_parser() -> argparse.ArgumentParser:
         "EDIT and SWEEP values: age in years (age=75; signed = relative to the participant's\n"
         "own: age=+10, age=-5), sex F/M/0/1 (the model's 0 = female, 1 = male; flip for\n"
         "--counterfactual), ventricular_volume and brain_volume normalised (=0.6, or signed\n"
-        "=+0.1). Results outside [0, 1] follow the policy's out_of_range (--demographics-config).",
+        "=+0.1). Results outside [0, 1] follow --out-of-range.",
     )
     edits.add_argument("--counterfactual", nargs="*", type=_edit, metavar="EDIT",
                        help="instead of synthetic images, make counterfactuals of each "

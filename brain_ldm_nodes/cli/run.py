@@ -250,13 +250,18 @@ def _node_mem_gb(image_shape: Sequence[int]) -> float:
 @dataclass
 class Progress:
     """Nipype ``status_callback``: one line when an image starts and when it is written,
-    with the time it took, the running count and an estimate of the time left."""
+    with the time it took, the running count and an estimate of the time left.
+
+    The estimate uses the pace since the first image was written (the first includes
+    compilation and loading, which later images do not repeat), so there is none before
+    the second image."""
 
     requests: Sequence[Any]
     started_at: float = field(default_factory=time.monotonic)
     written: list[str] = field(default_factory=list)
     failures: dict[str, str] = field(default_factory=dict)
     _starts: dict[str, float] = field(default_factory=dict)
+    _first_written_at: float | None = None
 
     def __post_init__(self) -> None:
         self._by_stem = {request.stem: request for request in self.requests}
@@ -301,10 +306,14 @@ class Progress:
             took = now - self._starts.get(stem, now)
             per_step = took / request.num_inference_steps
             done, total = len(self.written), len(self.requests)
-            eta = (now - self.started_at) / done * (total - done)
+            left = ""
+            if self._first_written_at is None:
+                self._first_written_at = now
+            elif done < total:
+                pace = (now - self._first_written_at) / (done - 1)  # after compilation
+                left = f"; about {_duration(pace * (total - done))} left"
             log.info("[%d/%d] %s done in %s (%s per step): %s%s", done, total, request.title,
-                     _duration(took), _duration(per_step), request.relative_path,
-                     f"; about {_duration(eta)} left" if done < total else "")
+                     _duration(took), _duration(per_step), request.relative_path, left)
 
 
 def _node_failure(node) -> str:
@@ -417,7 +426,9 @@ def run_participant_level(args) -> int:
     from ..derivatives import (
         ParticipantLocks,
         assess,
+        check_creatable,
         check_locations,
+        check_raw_link,
         dataset_description,
         default_work_dir,
         prepare_output_dir,
@@ -433,6 +444,8 @@ def run_participant_level(args) -> int:
     output_dir = args.output_dir.expanduser().resolve()
     work_dir = args.work_dir.expanduser().resolve() if args.work_dir else None
     check_locations(bids_dir, output_dir, work_dir)
+    check_creatable(output_dir)  # before the model is loaded: locations first
+    read_own_description(output_dir)  # refuse another dataset before reading anything
     if work_dir is not None and output_dir in work_dir.parents:
         hidden = work_dir.relative_to(output_dir).parts[0].startswith(".")
         if not hidden:
@@ -445,20 +458,23 @@ def run_participant_level(args) -> int:
     compilation_cache = _compilation_cache_dir(args)
     log.info("%s %s: participant level; %s -> %s", PROG, __version__, bids_dir, output_dir)
 
-    config = BidsConfig.from_json(args.demographics_config) if args.demographics_config else None
-    edits, sweeps = _edits_and_sweeps(args, config.policy if config else None)
+    config = _demographics_config(args)
+    edits, sweeps = _edits_and_sweeps(args, config.policy)
     layout = load_layout(bids_dir, validate=not args.skip_bids_validation)
     table = read_participants(
         bids_dir, config, participant_labels=args.participant_label, layout=layout
     )
     for problem in table.problems:
         log.info("note: %s", problem)
-    for participant in table.skipped:
-        log.info("skipping sub-%s: %s", participant.label, participant.skip_reason)
+    _report_columns(table)
+    for participant in table.skipped:  # one line each, naming the row and the reason
+        log.info("skipped sub-%s: %s", participant.label, participant.skip_reason)
     if not table.usable:
+        for line in skip_summary(table):
+            log.info("  %s", line)
         raise BidsDatasetError(
             f"{table.tsv_path}: none of the {len(table)} selected participants can be used "
-            "(each one's reason is printed above)"
+            "(reasons above, grouped with the flags that would include them)"
         )
 
     identity = _resolve_model(model_name, args.revision, named_by)
@@ -474,7 +490,6 @@ def run_participant_level(args) -> int:
              identity.model, identity.unet_sha256[:12],
              "x".join(map(str, identity.image_shape)), args.num_inference_steps, args.seed)
 
-    read_own_description(output_dir)  # refuse another dataset before writing anything
     output_dir = prepare_output_dir(output_dir)
     labels = [participant.label for participant in table.usable]
     # Runs on other participants (e.g. SLURM array tasks) may work in output_dir meanwhile.
@@ -485,6 +500,8 @@ def run_participant_level(args) -> int:
             source = _source_description(layout)
             link = (raw_dataset_link(source, bids_dir, output_dir)
                     if args.counterfactual is not None else None)
+            if link is not None:  # outputs and DatasetLinks.raw must agree
+                check_raw_link(existing, link, output_dir)
             write_dataset_files(output_dir, dataset_description(source, raw_link=link),
                                 existing)
         for path in [*stale, *remove_stale_temporaries(output_dir, labels)]:
@@ -526,6 +543,8 @@ def run_participant_level(args) -> int:
                      "what is complete and redoes what failed. Work folder (kept for the jobs): "
                      "%s", len(to_make), plugin, output_dir, work)
             return 0
+        if args.counterfactual is None:
+            _remove_stale_images(output_dir, table, args.n_samples, failures, to_make)
         _print_summary(table, len(to_make) - len(failures), complete, refreshed, failures,
                        to_make)
         if failures:
@@ -590,10 +609,131 @@ def _print_summary(table, written: int, complete, refreshed, failures, requests)
     log.info("summary: %d images written, %d already complete, %d sidecars updated, "
              "%d failed; %d participants skipped", written, len(complete), len(refreshed),
              len(failures), len(table.skipped))
-    for participant in table.skipped:
-        log.info("  skipped sub-%s: %s", participant.label, participant.skip_reason)
+    for line in skip_summary(table):
+        log.info("  %s", line)
     for stem, reason in failures.items():
         log.info("  failed %s: %s", by_stem[stem].title, reason)
+
+
+def _demographics_config(args):
+    """``--demographics-config`` (or the defaults) with the policy flags applied over it."""
+    from dataclasses import replace
+
+    from ..bids import BidsConfig
+    from ..demographics import DemographicsError
+
+    config = BidsConfig.from_json(args.demographics_config) if args.demographics_config \
+        else BidsConfig()
+    changes: dict[str, Any] = {}
+    if args.out_of_range is not None:
+        changes["out_of_range"] = args.out_of_range
+    if args.missing_volumes is not None:
+        changes["missing_volumes"] = args.missing_volumes
+    if args.volume_defaults is not None:
+        ventricular, brain = args.volume_defaults
+        changes["defaults"] = {**config.policy.defaults, "ventricular_volume": ventricular,
+                               "brain_volume": brain}
+    if not changes:
+        return config
+    try:
+        return replace(config, policy=replace(config.policy, **changes))
+    except DemographicsError as exc:
+        raise UsageError(f"{_one_line(exc)} (from the flags over --demographics-config)") from None
+
+
+def _report_columns(table) -> None:
+    """One line: which participants.tsv column each field comes from; one line per volume
+    that takes a default (no column: everyone; empty cells: how many)."""
+    from ..demographics import VOLUME_FIELDS
+
+    used = ", ".join(f"{name} {column!r}" for name, column in table.columns.items() if column)
+    log.info("%s columns: %s", table.tsv_path.name, used or "none")
+    absent = [name for name in VOLUME_FIELDS if table.columns[name] is None]
+    defaults = {name: table.policy.default_for(name) for name in VOLUME_FIELDS}
+    if absent and all(defaults[name] for name in absent):
+        values = " and ".join(f"{name} {defaults[name][0]:g}" for name in absent)
+        source = "the MONAI bundle's defaults" if all(
+            defaults[name][1].startswith("MONAI") for name in absent) else "the set defaults"
+        log.info("note: %s has no %s column: every participant gets %s, %s (recorded in each "
+                 "sidecar; --volume-defaults to change, --missing-volumes error to refuse)",
+                 table.tsv_path.name, " or ".join(absent), source, values)
+    for name in VOLUME_FIELDS:
+        if table.columns[name] is None or defaults[name] is None:
+            continue
+        count = sum(1 for p in table.usable if p.conditioning.record[name].get("defaulted"))
+        if count:
+            log.info("note: %d participants have no value in column %r: they get the %s "
+                     "default %g (recorded)", count, table.columns[name], name,
+                     defaults[name][0])
+
+
+_SKIP_GROUPS = {  # kind -> (who, what would include them); {lo}, {hi}: the age range
+    "age_below": ("younger than {lo:g} y (training range {lo:g}–{hi:g} y)",
+                  "--out-of-range clip samples them at the range edge (recorded)"),
+    "age_above": ("older than {hi:g} y (training range {lo:g}–{hi:g} y)",
+                  "--out-of-range clip samples them at the range edge (recorded)"),
+    "volume_out_of_range": ("with a volume outside [0, 1] after normalisation",
+                            "--out-of-range clip uses the range edge (recorded)"),
+    "volume_mm3_no_range": ("with volumes in mm³ but no reference range",
+                            "set *_range_mm3 in --demographics-config (an approximation)"),
+    "volume_missing": ("without a volume value",
+                       "--missing-volumes default uses the volume defaults (recorded)"),
+    "volume_unparsed": ("whose volume is not a number", "correct participants.tsv"),
+    "age_missing": ("without an age (n/a or empty)", "add it to participants.tsv"),
+    "age_unparsed": ("whose age is not in years", "correct it (accepted: 63, 63.5, 35-40, 89+)"),
+    "sex_missing": ("without a sex (n/a or empty)", "add it to participants.tsv"),
+    "sex_unknown": ("with a sex code that means neither F nor M here ({codes})",
+                    "describe it in participants.json Levels or map it in "
+                    "--demographics-config sex_codes"),
+    "sex_other": ("whose sex participants.json describes as neither female nor male",
+                  "the model's sex value cannot express it"),
+    "no_row": ("with a folder but no participants.tsv row", "add their rows"),
+    "no_folder": ("with a participants.tsv row but no sub-<label>/ folder", "check participant_id against the folders"),
+    "shifted_row": ("whose row has more cells than the header", "correct those rows"),
+    "other": ("for other reasons", "see the lines above"),
+}
+
+
+def skip_summary(table) -> list[str]:
+    """The skipped participants of ``table`` grouped by reason, one line per group with the
+    count and what would include them (the per-participant lines come earlier)."""
+    groups: dict[str, list[Any]] = {}
+    for participant in table.skipped:
+        kind = participant.skip_kind if participant.skip_kind in _SKIP_GROUPS else "other"
+        groups.setdefault(kind, []).append(participant)
+    policy, lines = table.policy, []
+    for kind, (who, fix) in _SKIP_GROUPS.items():
+        members = groups.get(kind)
+        if not members:
+            continue
+        codes = sorted({str(p.raw.get(table.columns["sex"] or "", "")).strip()
+                        for p in members} - {""})
+        shown = ", ".join(repr(code) for code in codes[:3]) + (", ..." if len(codes) > 3 else "")
+        text = who.format(lo=policy.age_min_years, hi=policy.age_max_years, codes=shown)
+        noun = "participant" if len(members) == 1 else "participants"
+        lines.append(f"{len(members)} {noun} {text}: {fix}")
+    clipped = sum(1 for p in table.usable
+                  if any(entry.get("clipped") for entry in p.conditioning.record.values()))
+    if clipped:
+        lines.append(f"{clipped} participants sampled at a range edge (--out-of-range clip; "
+                     "recorded as clipped in their sidecars)")
+    return lines
+
+
+def _remove_stale_images(output_dir: Path, table, n_samples: int, failures, requests) -> None:
+    """Remove the synthetic images of this run's participants that the current --n-samples
+    does not produce (e.g. sub-01_desc-synthetic_T1w after --n-samples 2), once all of the
+    participant's requested images are complete; one line each."""
+    from ..derivatives import remove_image, stale_synthetic_images
+
+    failed = {request.label for request in requests if request.stem in (failures or {})}
+    for participant in table.usable:
+        if participant.label in failed:
+            continue
+        for image in stale_synthetic_images(output_dir, participant.label, n_samples):
+            remove_image(image)
+            log.info("removed %s and its sidecar: --n-samples %d does not make it",
+                     image.relative_to(output_dir), n_samples)
 
 
 # --------------------------------------------------------------------------- group level
