@@ -971,7 +971,7 @@ class _Reader:
             detail = message[len(prefix):]
             cell = values.get(field_name) or ""
             column = f"column '{self.header[index]}'"
-            if cell and f"'{cell}'" not in detail:
+            if cell and cell not in detail:
                 column += f" ('{cell}')"
             description = self.unrecognised_levels.get(canonical_code(cell)) if cell else None
             if field_name == "sex" and description is not None:

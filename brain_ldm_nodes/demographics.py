@@ -539,8 +539,7 @@ def _apply_range_policy(
     else:
         kind = "volume_out_of_range" if name in _VOLUME_FIELDS else None
     raise DemographicsError(
-        f"{name}: {detail} outside [0, 1] (out_of_range='error'; set out_of_range to "
-        "'clip' or 'allow' to use it anyway, the latter as extrapolation)",
+        f"{name}: {detail} outside [0, 1] (out_of_range 'clip' or 'allow' would use it)",
         kind=kind,
     )
 
@@ -605,7 +604,7 @@ def _normalise_age(
         "age",
         normalised,
         policy.out_of_range,
-        f"{years:g} years normalises to {normalised:.4g} with the {low:g}-{high:g} year range,",
+        f"{years:g} years normalises to {normalised:.4g} (range {low:g}-{high:g} y),",
     )
     return value, {
         "raw": _raw_for_record(raw),

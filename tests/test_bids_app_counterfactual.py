@@ -220,7 +220,7 @@ def test_rerun_skips_complete_counterfactuals_and_redoes_what_changed(
     (["--counterfactual", "age=+1", "--n-samples", "2"],
      "--n-samples 2 applies to synthetic images"),
     (["--counterfactual", "age=90"], "--counterfactual age=90: age: age=90 gives 90 years, "
-     "which normalises to 1.211, outside [0, 1] (out_of_range='error'; set out_of_range to"),
+     "which normalises to 1.211, outside [0, 1] (out_of_range 'clip' or 'allow' would use it)"),
 ])
 def test_bad_counterfactual_values_end_in_one_line_naming_the_argument_exit_2(
     tmp_path, tiny_model, extra, expected

@@ -347,8 +347,8 @@ ODD = {  # a participant's values: skipped with a reason naming row and column; 
     "negative age": Case(replacing("\t44\t", "\t-5\t"), 0, (
         "row 2 (sub-01), column 'age': '-5' is negative",)),
     "age out of range": Case(replacing("\t44\t", "\t120\t"), 0, (
-        "column 'age' ('120'): 120 years normalises to 2 with the 44-82 year range, outside "
-        "[0, 1]",)),
+        "column 'age': 120 years normalises to 2 (range 44-82 y), outside [0, 1] "
+        "(out_of_range 'clip' or 'allow' would use it)",)),
     "volume in mm^3 without a reference range": Case(replacing("\t0.2\t", "\t25000\t"), 0, (
         "column 'ventricular_volume' ('25000'): 25000 looks like mm^3 (> 1), but no reference "
         "range is configured",)),

@@ -651,12 +651,12 @@ def _report_columns(table) -> None:
     absent = [name for name in VOLUME_FIELDS if table.columns[name] is None]
     defaults = {name: table.policy.default_for(name) for name in VOLUME_FIELDS}
     if absent and all(defaults[name] for name in absent):
-        values = " and ".join(f"{name} {defaults[name][0]:g}" for name in absent)
-        source = "the MONAI bundle's defaults" if all(
-            defaults[name][1].startswith("MONAI") for name in absent) else "the set defaults"
-        log.info("note: %s has no %s column: every participant gets %s, %s (recorded in each "
-                 "sidecar; --volume-defaults to change, --missing-volumes error to refuse)",
-                 table.tsv_path.name, " or ".join(absent), source, values)
+        values = " and ".join(f"{defaults[name][0]:g}" for name in absent)
+        source = "the MONAI bundle's default" if all(
+            defaults[name][1].startswith("MONAI") for name in absent) else "the set default"
+        log.info("note: %s has no %s column: all participants get %s%s %s (recorded in "
+                 "sidecars; --volume-defaults, --missing-volumes)", table.tsv_path.name,
+                 " or ".join(absent), source, "s" if len(absent) > 1 else "", values)
     for name in VOLUME_FIELDS:
         if table.columns[name] is None or defaults[name] is None:
             continue
