@@ -393,3 +393,86 @@ def test_the_lock_is_released_when_a_run_holding_it_ends(tmp_path):
     with OutputLock(tmp_path):  # can be taken again
         pass
     assert (tmp_path / LOCK_NAME).read_text() == ""
+
+
+# --------------------------------------------------------------------------- re-runs and details
+
+
+def test_more_samples_after_one_removes_the_unnumbered_image_and_the_report_counts_right(
+    tmp_path, tiny_model, template
+):
+    _, finished = template  # ds-minimal with --n-samples 1: sub-XX_desc-synthetic_T1w
+    dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
+    out = shutil.copytree(finished, tmp_path / "out")
+    one = {label: (out / f"sub-{label}/anat/sub-{label}_desc-synthetic_T1w.nii.gz").read_bytes()
+           for label in MINIMAL}
+    done = participant(dataset, out, tiny_model, "--n-samples", 2, "--participant-label", "01",
+                       "02")
+    assert done.code == 0, done.err
+    for label in ("01", "02"):
+        assert not list(out.glob(f"sub-{label}/anat/sub-{label}_desc-synthetic_T1w.*"))
+        assert f"removed sub-{label}/anat/sub-{label}_desc-synthetic_T1w.nii.gz and its " \
+               "sidecar: --n-samples 2 does not make it" in done.out
+        # run-1 is the image the unnumbered one was (same seed): nothing is lost
+        assert (out / f"sub-{label}/anat/sub-{label}_run-1_desc-synthetic_T1w.nii.gz"
+                ).read_bytes() == one[label]
+    # sub-03 was not in this run: left alone
+    assert (out / "sub-03/anat/sub-03_desc-synthetic_T1w.nii.gz").read_bytes() == one["03"]
+    group = app(dataset, out, "group")
+    assert group.code == 0, group.err
+    assert "summary: 5 images of 3 participants" in group.out
+
+    back = participant(dataset, out, tiny_model, "--participant-label", "01")
+    assert back.code == 0, back.err
+    assert sorted(p.name for p in out.glob("sub-01/anat/*.nii.gz")) == [
+        "sub-01_desc-synthetic_T1w.nii.gz"]
+
+
+@pytest.mark.parametrize("given, bare", [
+    ("n/a", None), ("N/A", None), ("", None), ("   ", None), (None, None), ("TBD", None),
+    ("https://doi.org/n/a", None),
+    ("doi:10.18112/openneuro.ds000030.v1.0.0", "10.18112/openneuro.ds000030.v1.0.0"),
+    ("10.18112/openneuro.ds000030.v1.0.0", "10.18112/openneuro.ds000030.v1.0.0"),
+    ("https://doi.org/10.1234/abc.5", "10.1234/abc.5"),
+    ("http://dx.doi.org/10.1234/abc.5", "10.1234/abc.5"),
+    ("doi.org/10.1234/abc.5", "10.1234/abc.5"),
+    (" DOI: 10.1234/abc.5 ", "10.1234/abc.5"),
+])
+def test_a_dataset_doi_gives_a_correct_doi_url_pair_or_none(given, bare):
+    from brain_ldm_nodes.derivatives import dataset_description, raw_dataset_link
+
+    description = dataset_description({"Name": "x", "DatasetDOI": given})
+    link = raw_dataset_link({"DatasetDOI": given}, Path("/data/ds"), Path("/data/ds/derivatives/x"))
+    if bare is None:
+        assert "SourceDatasets" not in description
+        assert link == "../.."
+    else:
+        assert description["SourceDatasets"] == [
+            {"DOI": f"doi:{bare}", "URL": f"https://doi.org/{bare}"}]
+        assert link == f"doi:{bare}"
+
+
+def test_the_time_left_is_estimated_from_images_after_the_first(monkeypatch):
+    """The first image includes compilation: no estimate after it; later ones use the pace
+    since the first was written."""
+    import logging
+    from types import SimpleNamespace
+
+    from brain_ldm_nodes.cli import run as cli_run
+
+    requests = [SimpleNamespace(stem=f"s{i}", title=f"image {i}", num_inference_steps=10,
+                                relative_path=Path(f"s{i}.nii.gz")) for i in range(4)]
+    clock = iter([0.0, 600.0, 600.0, 610.0, 610.0, 620.0])  # compile 600 s, then 10 s each
+    monkeypatch.setattr(cli_run.time, "monotonic", lambda: next(clock))
+    lines: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
+    monkeypatch.setattr(cli_run.log, "handlers", [handler])
+    monkeypatch.setattr(cli_run.log, "level", logging.INFO)
+    progress = cli_run.Progress(requests)
+    for request in requests[:3]:
+        progress._starts[request.stem] = next(clock)
+        progress._progress(request, "publish", "end")
+    assert lines[0] == "[1/4] image 0 done in 10:00 (1:00 per step): s0.nii.gz"  # no estimate
+    assert lines[1].endswith("; about 20.0 s left"), lines[1]
+    assert lines[2].endswith("; about 10.0 s left"), lines[2]
