@@ -259,3 +259,42 @@ def test_counterfactual_on_the_real_size_grid_with_a_tiny_weight_model(tmp_path)
     assert sidecar["Preparation"]["source_shape"] == [16, 16, 16]
     assert sidecar["ConditioningTo"]["Values"][1] == pytest.approx((62 - 44) / 38)
     shutil.rmtree(tmp_path / "model")
+
+
+def test_counterfactuals_from_another_dataset_are_refused_so_outputs_and_links_agree(
+    tmp_path, tiny_model
+):
+    dataset = copy_dataset("ds-minimal", tmp_path / "a" / "ds-minimal")
+    out = tmp_path / "out"
+    args = ["--participant-label", "02", "--counterfactual", "age=+5"]
+    assert participant(dataset, out, tiny_model, *args).code == 0
+    description = json.loads((out / "dataset_description.json").read_text())
+    assert description["DatasetLinks"] == {"raw": "../a/ds-minimal"}
+    before = tree(out)
+
+    other = copy_dataset("ds-minimal", tmp_path / "b" / "ds-minimal")
+    (other / "sub-02/anat/sub-02_T1w.nii.gz").write_bytes(b"not a NIfTI")  # unreadable
+    refused = participant(other, out, tiny_model, *args)
+    assert refused.code == 1
+    [line] = refused.err.splitlines()
+    assert (f"output_dir {out}: its 1 counterfactuals name sources in ../a/ds-minimal "
+            "(DatasetLinks.raw), this run reads ../b/ds-minimal; use another output_dir, or "
+            "remove them first") in line
+    assert tree(out) == before  # the old counterfactual and its link, unchanged
+
+
+def test_a_source_that_cannot_be_read_is_left_out_with_a_note(tmp_path):
+    from brain_ldm_nodes.bids import read_participants
+    from brain_ldm_nodes.derivatives import ModelIdentity, plan_counterfactuals
+    from brain_ldm_nodes.edits import parse_edit
+
+    dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
+    table = read_participants(dataset, participant_labels=["02"])
+    missing = dataset / "sub-02" / "anat" / "sub-02_run-9_T1w.nii.gz"  # gone since listed
+    model = ModelIdentity.__new__(ModelIdentity)
+    requests, notes = plan_counterfactuals(
+        table, {"02": [missing]}, bids_dir=dataset, edits=[parse_edit("age=+5")], sweeps=[],
+        num_inference_steps=2, model=model)
+    assert requests == []
+    assert notes == ["sub-02/anat/sub-02_run-9_T1w.nii.gz: cannot read it (No such file or "
+                     "directory); no counterfactual of it (existing ones are left as they are)"]
