@@ -169,17 +169,22 @@ def test_ds_messy_skips_unusable_participants_with_reasons_and_passes_the_valida
     done = participant(dataset, out, tiny_model)
     assert done.code == 0, done.err
     assert sorted(p.name for p in out.glob("sub-*/anat/*.nii.gz")) == [
-        f"sub-{label}_desc-synthetic_T1w.nii.gz" for label in ("01", "02", "05")]
+        f"sub-{label}_desc-synthetic_T1w.nii.gz" for label in ("01", "02", "05", "08")]
+    assert "skipped sub-03: participants.tsv row 4 (sub-03), column 'Age' ('89+')" in done.out
+    assert "skipped sub-06: participants.tsv row 7 (sub-06), column 'Age': missing value" \
+        in done.out
+    assert "note: 1 participant has no value in column 'VCSF': the ventricular_volume " \
+        "default 0.2 is used (recorded)" in done.out
     summary = done.out[done.out.index("summary:"):]
-    assert "3 images written" in summary and "5 participants skipped" in summary
-    assert "skipped sub-03: participants.tsv row 4 (sub-03), column 'Age' ('89+')" in summary
-    assert "skipped sub-06: participants.tsv row 7 (sub-06), column 'Age': missing value" in summary
-    assert "skipped sub-08: participants.tsv row 9 (sub-08), column 'VCSF'" in summary
+    assert "4 images written" in summary and "4 participants skipped" in summary
+    assert "1 participant older than 82 y" in summary and "1 participant younger" in summary
     assert sidecar_of(out, "05")["Demographics"]["Values"]["Age"] == "60-66"
+    assert sidecar_of(out, "08")["Conditioning"]["Derivation"]["ventricular_volume"]["why"] == \
+        "participants.tsv row 9 (sub-08), column 'VCSF' is 'N/A'"
 
     assert app(dataset, out, "group").code == 0
     rows = (out / "group" / "images.tsv").read_text().splitlines()
-    assert len(rows) == 4 and "\t60-66\t" in rows[3]
+    assert len(rows) == 5 and "\t60-66\t" in rows[3]
     assert validator_errors(out) == []
 
 

@@ -662,9 +662,9 @@ def _report_columns(table) -> None:
             continue
         count = sum(1 for p in table.usable if p.conditioning.record[name].get("defaulted"))
         if count:
-            log.info("note: %d participants have no value in column %r: they get the %s "
-                     "default %g (recorded)", count, table.columns[name], name,
-                     defaults[name][0])
+            who = "1 participant has" if count == 1 else f"{count} participants have"
+            log.info("note: %s no value in column %r: the %s default %g is used (recorded)",
+                     who, table.columns[name], name, defaults[name][0])
 
 
 _SKIP_GROUPS = {  # kind -> (who, what would include them); {lo}, {hi}: the age range
