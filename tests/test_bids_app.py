@@ -388,8 +388,17 @@ def test_console_script_prints_version_and_help():
     assert usage.code == 0
     for option in ("--participant-label", "--work-dir", "--nprocs", "--mem", "--model",
                    "--revision", "--seed", "--n-samples", "--num-inference-steps", "--plugin",
-                   "--plugin-args", "--demographics-config", "--skip-bids-validation", "--verbose"):
+                   "--plugin-args", "--demographics-config", "--skip-bids-validation", "--verbose",
+                   "--out-of-range {error,clip,allow}", "--missing-volumes {default,error}",
+                   "--volume-defaults VENTRICULAR BRAIN"):
         assert option in usage.out
+    # what happens to a table without volume columns, and how columns are found
+    text = " ".join(usage.out.split())
+    assert "every participant gets the MONAI bundle's defaults, ventricular 0.2 and brain 0.4" \
+        in text
+    assert "'Age (years)', 'age_years', 'age_at_first_scan_years'" in text
+    assert "two candidates for one field are an error naming both" in text
+    assert "skipped participants grouped by reason" in text
 
 
 def test_the_lock_is_released_when_a_run_holding_it_ends(tmp_path):

@@ -350,7 +350,7 @@ ODD = {  # a participant's values: skipped with a reason naming row and column; 
         "column 'age': 120 years normalises to 2 (range 44-82 y), outside [0, 1] "
         "(out_of_range 'clip' or 'allow' would use it)",)),
     "volume in mm^3 without a reference range": Case(replacing("\t0.2\t", "\t25000\t"), 0, (
-        "column 'ventricular_volume' ('25000'): 25000 looks like mm^3 (> 1), but no reference "
+        "column 'ventricular_volume': 25000 looks like mm^3 (> 1), but no reference "
         "range is configured",)),
     "row with more cells than the header": Case(replacing("sub-02\tF\t63\t0.5\t0.5",
                                                           "sub-02\tF\t63\t0.5\t0.5\tleft"), 0, (
