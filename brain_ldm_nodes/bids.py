@@ -30,7 +30,8 @@ spaces/hyphens vs underscores); a field given here replaces that field's default
 (:func:`default_column_rank`: case, punctuation and unit variants of
 :data:`DEFAULT_COLUMN_ALIASES`, e.g. ``Age (years)``, ``age_at_first_scan_years``,
 ``Sex (M/F)``; two candidates of one rank are an error naming both). Missing volume
-columns are normal: the policy's ``missing_volumes`` decides (bundle defaults, recorded). ``policy`` holds
+columns are normal: the policy's ``missing_volumes`` decides (bundle defaults, recorded).
+``policy`` holds
 :class:`~brain_ldm_nodes.demographics.DemographicsPolicy` fields (sex codes, age range,
 volume reference ranges, out-of-range policy, defaults). Unknown keys are errors.
 """

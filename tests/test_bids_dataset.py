@@ -435,7 +435,8 @@ def test_two_columns_matching_the_same_alias_are_refused_naming_both(tmp_path):
 def test_missing_age_column_without_a_default_is_refused_naming_the_aliases(tmp_path):
     header = "participant_id\tsex\tventricular_volume\tbrain_volume"
     root = _dataset(tmp_path / "ds", _tsv("sub-01\tM\t0.2\t0.3", header=header))
-    with pytest.raises(BidsDatasetError, match=r"no column for age \(age, age_at_<scan\.\.\.>, in years\); name yours in --demographics-config"):
+    expected = r"no column for age \(age, age_at_<scan\.\.\.>, in years\); name yours in --demo"
+    with pytest.raises(BidsDatasetError, match=expected):
         read_participants(root)
 
 

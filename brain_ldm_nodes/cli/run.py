@@ -688,7 +688,8 @@ _SKIP_GROUPS = {  # kind -> (who, what would include them); {lo}, {hi}: the age 
     "sex_other": ("whose sex participants.json describes as neither female nor male",
                   "the model's sex value cannot express it"),
     "no_row": ("with a folder but no participants.tsv row", "add their rows"),
-    "no_folder": ("with a participants.tsv row but no sub-<label>/ folder", "check participant_id against the folders"),
+    "no_folder": ("with a participants.tsv row but no sub-<label>/ folder",
+                  "check participant_id against the folders"),
     "shifted_row": ("whose row has more cells than the header", "correct those rows"),
     "other": ("for other reasons", "see the lines above"),
 }
