@@ -128,10 +128,25 @@ def test_normalise_demographics_out_of_range_input_overrides_the_policy(tmp_path
 
 
 def test_normalise_demographics_missing_value_names_the_field(tmp_path):
+    with pytest.raises(Exception, match="age: missing value"):
+        run_node(
+            NormaliseDemographics(sex="F", age="n/a", ventricular_volume=0.2, brain_volume=0.4),
+            tmp_path,
+        )
+    # a missing volume takes the MONAI bundle's default (0.4), recorded; strict on request
+    outputs = run_node(
+        NormaliseDemographics(sex="F", age=63, ventricular_volume=0.2, brain_volume="n/a"),
+        tmp_path, name="defaulted",
+    )
+    assert outputs.conditioning[3] == 0.4
+    assert json.loads(Path(outputs.out_file).read_text())["record"]["brain_volume"]["defaulted"]
+    strict = tmp_path / "strict.json"
+    strict.write_text(json.dumps({"missing_volumes": "error"}))
     with pytest.raises(Exception, match="brain_volume: missing value"):
         run_node(
-            NormaliseDemographics(sex="F", age=63, ventricular_volume=0.2, brain_volume="n/a"),
-            tmp_path,
+            NormaliseDemographics(sex="F", age=63, ventricular_volume=0.2, brain_volume="n/a",
+                                  policy_file=str(strict)),
+            tmp_path, name="strict",
         )
 
 
