@@ -578,9 +578,10 @@ def _index_rows(
         if len(numbers) > 1
     ]
     if duplicates:
+        shown = "; ".join(duplicates[:3]) + (f"; ... ({len(duplicates)} in all)"
+                                              if len(duplicates) > 3 else "")
         raise BidsDatasetError(
-            f"{path}: duplicate participant_id: {'; '.join(duplicates)} (each participant "
-            "needs exactly one row)"
+            f"{path}: duplicate participant_id: {shown} (each participant needs exactly one row)"
         )
     return rows, problems
 
@@ -626,10 +627,11 @@ def _sex_codes_from_levels(
         else:
             described[canonical_code(str(code))] = value
     if not described and not any(code in policy.sex_codes for code in unrecognised):
-        shown = ", ".join(f"{code!r} = {text!r}" for code, text in unrecognised.items())
+        shown = _shorten([f"{code!r} = {text[:30]!r}" for code, text in unrecognised.items()],
+                         limit=3)
         raise BidsDatasetError(
             f"{json_path}: the Levels of column {column!r} ({shown}) describe no code as "
-            f"female or male (accepted descriptions: {', '.join(sorted(word_policy.sex_codes))})"
+            "female or male (accepted descriptions: f, female, m, male, ...)"
         )
     for code, value in described.items():
         configured = policy.sex_codes.get(code)
@@ -661,10 +663,9 @@ def _check_numeric_sex(
     if any(code in policy.sex_codes for code in present):
         return
     raise BidsDatasetError(
-        f"{path}: column {column!r} holds only numeric codes ({', '.join(present)}) and "
-        "nothing says which is female and which is male; map them in the configuration "
-        '("policy": {"sex_codes": {...}}, 0 = female, 1 = male) or describe them in '
-        f'participants.json (e.g. {{"{column}": {{"Levels": {{"1": "male", "2": "female"}}}}}})'
+        f"{path}: column {column!r} holds only numeric codes ({_shorten(present, limit=3)}); "
+        'say which is female or male in participants.json "Levels" or --demographics-config '
+        '"sex_codes"'
     )
 
 
@@ -837,7 +838,7 @@ def read_participants(
         unknown = [label for label in wanted if label not in known]
         if unknown:
             raise BidsDatasetError(
-                f"--participant-label: {', '.join(unknown)} not found in {root} "
+                f"--participant-label: {_shorten(unknown, limit=5)} not found in {root} "
                 f"(participants: {_shorten(sorted(known))})"
             )
     reader = _Reader(

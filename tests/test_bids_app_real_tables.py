@@ -316,3 +316,25 @@ def test_realistic_cells_bom_crlf_and_ids_without_prefix(tmp_path):
     assert table["11"].row == 12 and table["07"].raw["gender"] == "F"
     assert re.match(r"participants\.tsv row 4 \(sub-03\), column 'Age \(years\)'",
                     table["03"].skip_reason)
+
+
+@pytest.mark.parametrize("header, rows", [
+    (["participant_id", "sex", "age"],  # 60 duplicated ids
+     [[f"sub-{i:02d}", "F", "50"] for i in range(60)] * 2),
+    (["participant_id", "sex", "age"],  # numeric codes nobody explains
+     [[f"sub-{i:02d}", str(i % 9), "50"] for i in range(60)]),
+    ([f"col_{i}" for i in range(90)],  # no participant_id among 90 columns
+     [["1"] * 90]),
+])
+def test_whole_table_refusals_stay_short(tmp_path, header, rows):
+    root = tmp_path / "ds"
+    root.mkdir()
+    (root / "dataset_description.json").write_text('{"Name": "t", "BIDSVersion": "1.8.0"}')
+    (root / "participants.tsv").write_text(
+        "\n".join("\t".join(cells) for cells in [header, *rows]) + "\n")
+    (root / "sub-00" / "anat").mkdir(parents=True)
+    (root / "sub-00" / "anat" / "sub-00_T1w.nii.gz").write_bytes(b"")
+    with pytest.raises(BidsDatasetError) as info:
+        read_participants(root)
+    message = str(info.value).replace(str(root / "participants.tsv"), "participants.tsv")
+    assert message.startswith("participants.tsv: ") and len(message) <= 200, message
