@@ -183,6 +183,13 @@ def collect_images(
             continue
         images.append(GeneratedImage(path, relative, entities["subject"], entities.get("run"),
                                      document, kind, entities.get("session")))
+    numbered = {image.label for image in images if image.kind == "synthetic" and image.run}
+    for image in [i for i in images if i.kind == "synthetic" and not i.run]:
+        if image.label in numbered:  # left by a run with another --n-samples: not counted twice
+            images.remove(image)
+            problems.append(f"{image.relative_path}: left out, sub-{image.label} also has "
+                            "run-numbered images (from a later --n-samples; its participant run "
+                            "removes it)")
     order = {"synthetic": 0, "synthetic_sweep": 1, "counterfactual": 2, "counterfactual_sweep": 3}
     images.sort(key=lambda image: (image.label, order[image.kind], image.session or "",
                                    image.run or 0, _sweep_position(image), image.stem))

@@ -435,6 +435,17 @@ def test_more_samples_after_one_removes_the_unnumbered_image_and_the_report_coun
     group = app(dataset, out, "group")
     assert group.code == 0, group.err
     assert "summary: 5 images of 3 participants" in group.out
+    # an unnumbered image beside run-numbered ones (say, from an older version) is not counted
+    for ext in ("nii.gz", "json"):
+        shutil.copyfile(out / f"sub-03/anat/sub-03_desc-synthetic_T1w.{ext}",
+                        out / f"sub-03/anat/sub-03_run-1_desc-synthetic_T1w.{ext}")
+    group = app(dataset, out, "group")
+    assert group.code == 0, group.err
+    assert "summary: 5 images of 3 participants" in group.out
+    assert "note: sub-03/anat/sub-03_desc-synthetic_T1w.nii.gz: left out, sub-03 also has " \
+        "run-numbered images" in group.out
+    (out / "sub-03/anat/sub-03_run-1_desc-synthetic_T1w.json").unlink()
+    (out / "sub-03/anat/sub-03_run-1_desc-synthetic_T1w.nii.gz").unlink()
 
     back = participant(dataset, out, tiny_model, "--participant-label", "01")
     assert back.code == 0, back.err
