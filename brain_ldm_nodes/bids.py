@@ -103,7 +103,7 @@ _YEAR_UNITS = frozenset({"y", "yr", "yrs", "year", "years", "in_years", "in_yrs"
 _NON_YEAR_UNITS = frozenset({"m", "mo", "mos", "month", "months", "in_months", "w", "wk", "wks",
                              "week", "weeks", "in_weeks", "d", "day", "days", "in_days"})
 _AGE_EVENTS = ("scan", "mri", "imaging", "visit", "session", "acquisition", "baseline", "exam")
-_AGE_AT_RE = re.compile(rf"^age_at_(?:[a-z0-9]+_)*?(?:{'|'.join(_AGE_EVENTS)})(?:_[0-9a-z]+)*$")
+_AGE_AT_RE = re.compile(rf"^age_at_(?:[a-z0-9]+_)*?(?:{'|'.join(_AGE_EVENTS)})(?:_[0-9]+)?$")
 _SEX_RANKS = {"sex": 0, "biological_sex": 0, "sex_at_birth": 0, "assigned_sex": 0, "gender": 1}
 _BRACKET_RE = re.compile(r"\s*[(\[{]([^)\]}]*)[)\]}]\s*$")
 

@@ -246,6 +246,7 @@ def test_flags_override_the_demographics_config(tmp_path, tiny_model):
 @pytest.mark.parametrize("column", [
     "age", "Age", "AGE", "Age (years)", "age_years", "age-years", "Age in years",
     "age_at_first_scan_years", "age_at_scan", "Age at MRI (y)", "participant_age",
+    "age_at_scan_1",
 ])
 def test_age_column_variants_are_read(column):
     assert default_column_rank("age", column) == 0
@@ -253,7 +254,7 @@ def test_age_column_variants_are_read(column):
 
 @pytest.mark.parametrize("column", [
     "age_months", "Age (months)", "age_at_onset", "age_group", "page", "stage", "agency",
-    "mother_age_at_birth",
+    "mother_age_at_birth", "age_at_scan_date",
 ])
 def test_columns_that_are_not_an_age_in_years_are_not_read_as_one(column):
     assert default_column_rank("age", column) is None
