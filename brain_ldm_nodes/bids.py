@@ -46,6 +46,7 @@ from typing import Any
 from bids.exceptions import BIDSValidationError
 from bids.layout import BIDSLayout
 
+from .annex import not_retrieved, retrieve_hint
 from .demographics import (
     CONDITIONING_ORDER,
     Conditioning,
@@ -251,6 +252,9 @@ def load_layout(bids_dir: str | os.PathLike[str], *, validate: bool = True) -> B
     indexed. ``participants.tsv`` is needed either way (:func:`read_participants`).
     """
     root = _existing_dir(bids_dir)
+    description = root / "dataset_description.json"
+    if validate and not_retrieved(description):
+        raise BidsDatasetError(retrieve_hint(description))
     try:
         return BIDSLayout(root, validate=validate)
     except BIDSValidationError as exc:
@@ -259,6 +263,12 @@ def load_layout(bids_dir: str | os.PathLike[str], *, validate: bool = True) -> B
             "validate=False, --skip-bids-validation)"
         ) from exc
     except (OSError, ValueError) as exc:
+        missing = getattr(exc, "filename", None)
+        if missing and not_retrieved(missing):  # pybids reads every JSON sidecar to index
+            raise BidsDatasetError(
+                f"{root}: pybids cannot index the dataset: {retrieve_hint(missing)} (and any "
+                "other JSON file not retrieved: `datalad get` them all)"
+            ) from exc
         raise BidsDatasetError(
             f"{root}: pybids cannot index the dataset: {_one_line(exc)}"
         ) from exc
@@ -331,6 +341,8 @@ def _read_tsv(path: Path) -> _Tsv:
             )
         data = path.read_bytes()
     except OSError as exc:
+        if not_retrieved(path):
+            raise BidsDatasetError(retrieve_hint(path)) from exc
         raise BidsDatasetError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise BidsDatasetError(

@@ -655,6 +655,7 @@ def plan_counterfactuals(
     ``sources`` maps a participant label to its T1w images (absolute paths under
     ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids.find_t1w_images`.
     """
+    from .annex import bids_path, not_retrieved, retrieve_hint
     from .edits import EditError, apply_edits
 
     policy = table.policy.to_dict()
@@ -678,8 +679,12 @@ def plan_counterfactuals(
         for point in _resolve_points(participant, sweeps, table.policy, notes, "counterfactual"):
             targets.append((point.conditioning, (), point))
         for image in images:
-            path = Path(image).resolve()
+            path = bids_path(image)  # an annexed file is a link: keep its BIDS name
             relative = path.relative_to(root).as_posix()
+            if not_retrieved(path):
+                notes.append(f"sub-{participant.label}: no counterfactual of "
+                             f"{retrieve_hint(path)}")
+                continue
             digest = file_sha256(path)
             for target, edit, point in targets:
                 requests.append(CounterfactualRequest(

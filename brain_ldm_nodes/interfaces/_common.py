@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 
-from nipype.interfaces.base import isdefined, traits
+from nipype.interfaces.base import File, isdefined, traits
+from traits.api import TraitError
 
+from ..annex import not_retrieved, retrieve_hint
 from ..model_cache import absolute_model_name, get_model
 from ..pipeline import BrainLDM
 
@@ -21,6 +23,16 @@ class ModelName(traits.BaseStr):
         if isinstance(value, os.PathLike):
             value = os.fspath(value)
         return absolute_model_name(super().validate(obj, name, value))
+
+
+class InputImage(File):
+    """An existing input file; a git-annex/DataLad link without content is refused with the
+    file and ``datalad get`` named (annexed links with content are read through the link)."""
+
+    def validate(self, objekt: object, name: str, value: object, return_pathlike: bool = False):
+        if isinstance(value, (str, os.PathLike)) and not_retrieved(value):
+            raise TraitError(f"input {name!r}: {retrieve_hint(value)}")
+        return super().validate(objekt, name, value, return_pathlike)
 
 
 def model_trait() -> ModelName:
