@@ -47,6 +47,11 @@ class BundleError(ValueError):
     """A bundle cannot be found, read or trusted; the message names it and says why."""
 
 
+class WeightsMismatchError(BundleError):
+    """A weights file's sha256 is not the one its ``config.json`` records (corrupt, truncated
+    or modified)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseReference:
     """Where a model bundle's base (VAE) bundle lives: a Hub repo and/or a relative path.
@@ -201,7 +206,7 @@ def verify_weights_file(path: Path, expected_sha256: str) -> None:
             pass
     digest = sha256_of(path)
     if digest != expected_sha256:
-        raise BundleError(
+        raise WeightsMismatchError(
             f"{path}: sha256 {digest} does not match {expected_sha256} in config.json; "
             "the file is corrupt or was modified (re-download or re-convert it)"
         )
@@ -446,12 +451,13 @@ def resolve_bundle(
     name = os.fspath(repo_id_or_path)
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import validate_repo_id
 
     if _looks_like_path(name):
         missing = f"{name}: no such bundle folder" + (
             "" if candidate.is_absolute() else f" ({candidate.absolute()} does not exist)")
         try:
-            valid_repo_id = huggingface_hub.utils.validate_repo_id(name) is None
+            valid_repo_id = validate_repo_id(name) is None
         except hub_errors.HFValidationError:
             valid_repo_id = False
         if not valid_repo_id:
