@@ -23,7 +23,8 @@ def not_retrieved(path: str | os.PathLike[str]) -> bool:
 def retrieve_hint(path: str | os.PathLike[str]) -> str:
     """``"<path>: not retrieved (a git-annex/DataLad link without content); run `datalad get
     <path>`"``: one line naming the file and what to do."""
-    return f"{path}: annexed file not retrieved (no content in this clone); run `datalad get {path}`"
+    return (f"{path}: annexed file not retrieved (no content in this clone); "
+            f"run `datalad get {path}`")
 
 
 def bids_path(path: str | os.PathLike[str]) -> Path:

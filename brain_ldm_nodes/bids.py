@@ -285,7 +285,9 @@ def find_t1w_images(
     ``layout`` is a pybids layout or a dataset directory (then validated as in
     :func:`load_layout`). ``participant_label`` may carry ``sub-``; ``session`` (with or
     without ``ses-``) restricts to one session. All sessions and runs are returned
-    otherwise: choosing among them is the caller's decision.
+    otherwise: choosing among them is the caller's decision. In a DataLad / git-annex
+    dataset the paths are the links (BIDS names), whether their content is retrieved or not
+    (:func:`brain_ldm_nodes.annex.not_retrieved` tells).
     """
     if not isinstance(layout, BIDSLayout):
         layout = load_layout(layout)

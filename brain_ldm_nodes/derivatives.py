@@ -225,7 +225,8 @@ class ModelIdentity:
                 if verify:
                     bundle.verify_weights_file(weights, cfg.weights_sha256)
             except PermissionError as error:
-                raise bundle.BundleError(bundle.unreadable_bundle_message(Path(where), error)) from None
+                message = bundle.unreadable_bundle_message(Path(where), error)
+                raise bundle.BundleError(message) from None
         return cls(
             model=name,
             revision=revision,
@@ -1014,7 +1015,8 @@ def queued_jobs(comment: str) -> list[str] | str:
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"squeue failed: {exc}"
     if done.returncode != 0:
-        return f"squeue failed: {(done.stderr.strip().splitlines() or ['exit status %d' % done.returncode])[0]}"
+        first = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+        return f"squeue failed: {first}"
     jobs = []
     for line in done.stdout.splitlines():
         fields = line.strip().split("|", 3)
