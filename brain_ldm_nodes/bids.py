@@ -50,6 +50,7 @@ from typing import Any
 from bids.exceptions import BIDSValidationError
 from bids.layout import BIDSLayout
 
+from .annex import not_retrieved, retrieve_hint
 from .demographics import (
     CONDITIONING_ORDER,
     VOLUME_FIELDS,
@@ -322,6 +323,9 @@ def load_layout(bids_dir: str | os.PathLike[str], *, validate: bool = True) -> B
     indexed. ``participants.tsv`` is needed either way (:func:`read_participants`).
     """
     root = _existing_dir(bids_dir)
+    description = root / "dataset_description.json"
+    if validate and not_retrieved(description):
+        raise BidsDatasetError(retrieve_hint(description))
     try:
         return BIDSLayout(root, validate=validate)
     except BIDSValidationError as exc:
@@ -330,6 +334,12 @@ def load_layout(bids_dir: str | os.PathLike[str], *, validate: bool = True) -> B
             "validate=False, --skip-bids-validation)"
         ) from exc
     except (OSError, ValueError) as exc:
+        missing = getattr(exc, "filename", None)
+        if missing and not_retrieved(missing):  # pybids reads every JSON sidecar to index
+            raise BidsDatasetError(
+                f"{root}: pybids cannot index the dataset: {retrieve_hint(missing)} (and any "
+                "other JSON file not retrieved: `datalad get` them all)"
+            ) from exc
         raise BidsDatasetError(
             f"{root}: pybids cannot index the dataset: {_one_line(exc)}"
         ) from exc
@@ -346,7 +356,9 @@ def find_t1w_images(
     ``layout`` is a pybids layout or a dataset directory (then validated as in
     :func:`load_layout`). ``participant_label`` may carry ``sub-``; ``session`` (with or
     without ``ses-``) restricts to one session. All sessions and runs are returned
-    otherwise: choosing among them is the caller's decision.
+    otherwise: choosing among them is the caller's decision. In a DataLad / git-annex
+    dataset the paths are the links (BIDS names), whether their content is retrieved or not
+    (:func:`brain_ldm_nodes.annex.not_retrieved` tells).
     """
     if not isinstance(layout, BIDSLayout):
         layout = load_layout(layout)
@@ -402,6 +414,8 @@ def _read_tsv(path: Path) -> _Tsv:
             )
         data = path.read_bytes()
     except OSError as exc:
+        if not_retrieved(path):
+            raise BidsDatasetError(retrieve_hint(path)) from exc
         raise BidsDatasetError(f"{path}: cannot read ({exc.strerror or exc})") from exc
     if data.startswith((b"\xff\xfe", b"\xfe\xff")):
         raise BidsDatasetError(

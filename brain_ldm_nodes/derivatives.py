@@ -81,6 +81,10 @@ __all__ = [
     "OutputDirError",
     "OutputLock",
     "ParticipantLocks",
+    "check_submissions",
+    "clear_submission",
+    "queued_jobs",
+    "record_submission",
     "assess",
     "bare_doi",
     "check_creatable",
@@ -190,13 +194,17 @@ class ModelIdentity:
 
     @classmethod
     def resolve(
-        cls, model: str, revision: str | None = None, *, local_files_only: bool | None = True
+        cls, model: str, revision: str | None = None, *, local_files_only: bool | None = True,
+        verify: bool = True,
     ) -> ModelIdentity:
-        """Find the ``brain_ldm.1`` bundle and its base VAE bundle; read their configs.
+        """Find the ``brain_ldm.1`` bundle and its base VAE bundle; read their configs and,
+        with ``verify``, check each weights file against its sha256 once (hashed only when
+        no verification record says this very file matched; see
+        :func:`brain_ldm_nodes.weights.bundle.verify_weights_file`).
 
         Raises :class:`brain_ldm_nodes.weights.bundle.BundleError` (one line) when a bundle
         is missing (not in the Hugging Face cache while offline), not a bundle, of the wrong
-        type, or lacks its weights file.
+        type, unreadable, or lacks its weights file or its weights do not match.
         """
         from .weights import bundle
 
@@ -217,8 +225,15 @@ class ModelIdentity:
                 f"{vae_config.bundle_type}"
             )
         for where, cfg in ((folder, config), (vae_folder, vae_config)):
-            if not (Path(where) / cfg.weights_file).is_file():
-                raise bundle.BundleError(f"{where}: weights file {cfg.weights_file} is missing")
+            weights = Path(where) / cfg.weights_file
+            try:
+                if not weights.is_file():
+                    raise bundle.BundleError(f"{where}: weights file {cfg.weights_file} is missing")
+                if verify:
+                    bundle.verify_weights_file(weights, cfg.weights_sha256)
+            except PermissionError as error:
+                message = bundle.unreadable_bundle_message(Path(where), error)
+                raise bundle.BundleError(message) from None
         return cls(
             model=name,
             revision=revision,
@@ -662,6 +677,7 @@ def plan_counterfactuals(
     ``sources`` maps a participant label to its T1w images (absolute paths under
     ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids.find_t1w_images`.
     """
+    from .annex import bids_path, not_retrieved, retrieve_hint
     from .edits import EditError, apply_edits
 
     policy = table.policy.to_dict()
@@ -685,8 +701,12 @@ def plan_counterfactuals(
         for point in _resolve_points(participant, sweeps, table.policy, notes, "counterfactual"):
             targets.append((point.conditioning, (), point))
         for image in images:
-            path = Path(image).resolve()
+            path = bids_path(image)  # an annexed file is a link: keep its BIDS name
             relative = path.relative_to(root).as_posix()
+            if not_retrieved(path):
+                notes.append(f"sub-{participant.label}: no counterfactual of "
+                             f"{retrieve_hint(path)}")
+                continue
             try:
                 digest = file_sha256(path)
             except OSError as exc:
@@ -1028,6 +1048,105 @@ def _participant_lock_holders(folder: Path) -> str:
     return "; ".join(holders[:3]) + (" …" if len(holders) > 3 else "")
 
 
+# ------------------------------------------------------------ jobs that outlive the command
+#: ``output_dir/.brain-ldm-bids-locks/sub-<label>.jobs``: a graph-plugin submission (SLURMGraph)
+#: whose jobs make that participant's images after the command has returned.
+SUBMISSION_SUFFIX = ".jobs"
+
+
+def _submission_records(folder: Path, labels: Iterable[str] | None) -> list[Path]:
+    locks = folder / LOCKS_DIR_NAME
+    if labels is None:
+        return sorted(locks.glob(f"sub-*{SUBMISSION_SUFFIX}"))
+    return [path for label in sorted(set(labels))
+            if (path := locks / f"sub-{label}{SUBMISSION_SUFFIX}").exists()]
+
+
+def record_submission(output_dir: str | os.PathLike[str], labels: Iterable[str], *,
+                      comment: str, plugin: str, work_dir: Path) -> None:
+    """Note that ``labels`` are being made by ``plugin`` jobs carrying SLURM comment
+    ``comment`` (call it holding their :class:`ParticipantLocks`, before submitting). Until
+    ``squeue`` lists none of those jobs, later runs on these participants (and the group
+    level) are refused (:func:`check_submissions`)."""
+    labels = sorted(set(labels))
+    record = {"plugin": plugin, "comment": comment, "work_dir": str(work_dir),
+              "participants": labels, "submitted_by": _holder_line().strip()}
+    for label in labels:
+        write_json(record, Path(output_dir) / LOCKS_DIR_NAME / f"sub-{label}{SUBMISSION_SUFFIX}")
+
+
+def clear_submission(output_dir: str | os.PathLike[str], labels: Iterable[str]) -> None:
+    """Forget the submission records of ``labels`` (the submission failed)."""
+    for path in _submission_records(Path(output_dir), labels):
+        path.unlink(missing_ok=True)
+
+
+def queued_jobs(comment: str) -> list[str] | str:
+    """``["<job id> <name> <state>", ...]`` of the SLURM jobs whose comment is ``comment``
+    that are queued or running (``squeue`` lists nothing else; COMPLETING ones are left out),
+    or a ``str`` saying why ``squeue`` could not be asked."""
+    import shutil as _shutil
+    import subprocess
+
+    if _shutil.which("squeue") is None:
+        return "squeue is not installed here"
+    try:
+        done = subprocess.run(["squeue", "--noheader", "--format=%i|%j|%T|%k"],
+                              capture_output=True, text=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        return f"squeue failed: {exc}"
+    if done.returncode != 0:
+        first = (done.stderr.strip().splitlines() or [f"exit status {done.returncode}"])[0]
+        return f"squeue failed: {first}"
+    jobs = []
+    for line in done.stdout.splitlines():
+        fields = line.strip().split("|", 3)
+        # COMPLETING: the job's programs have ended, only SLURM's epilog is left
+        if len(fields) == 4 and fields[3].strip() == comment and fields[2] != "COMPLETING":
+            jobs.append(f"{fields[0]} {fields[1]} {fields[2]}")
+    return jobs
+
+
+def check_submissions(output_dir: str | os.PathLike[str],
+                      labels: Iterable[str] | None = None) -> None:
+    """Refuse (:class:`LockHeldError`, one line naming the jobs) while jobs of a recorded
+    submission that makes ``labels`` (``None``: any participant) are queued or running; the
+    records of submissions whose jobs have all left the queue are removed."""
+    folder = Path(output_dir)
+    by_comment: dict[str, list[Path]] = {}
+    records: dict[str, dict[str, Any]] = {}
+    for path in _submission_records(folder, labels):
+        try:
+            record = json.loads(path.read_text(encoding="utf-8"))
+            comment = str(record["comment"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)  # half-written by a killed run: nothing was submitted
+            continue
+        by_comment.setdefault(comment, []).append(path)
+        records[comment] = record
+    for comment, paths in by_comment.items():
+        record = records[comment]
+        who = ", ".join(path.name.removesuffix(SUBMISSION_SUFFIX) for path in paths[:3]) + (
+            ", …" if len(paths) > 3 else "")
+        jobs = queued_jobs(comment)
+        if isinstance(jobs, str):
+            raise LockHeldError(
+                f"output_dir {folder}: {who} were submitted as {record.get('plugin')} jobs "
+                f"(--comment={comment}) and {jobs}, so it is unknown whether they still run; "
+                f"run where squeue answers, or delete {paths[0].parent}/sub-*{SUBMISSION_SUFFIX} "
+                "once those jobs have left the queue"
+            )
+        if jobs:
+            shown = "; ".join(jobs[:3]) + (f"; … ({len(jobs)} jobs)" if len(jobs) > 3 else "")
+            raise LockHeldError(
+                f"output_dir {folder}: {who} are being made by {record.get('plugin')} jobs still "
+                f"queued or running ({shown}; --comment={comment}); wait for them or cancel "
+                "them (scancel), then run again"
+            )
+        for path in paths:
+            path.unlink(missing_ok=True)
+
+
 class OutputLock:
     """A non-blocking ``flock`` on ``output_dir/.brain-ldm-bids.lock``.
 
@@ -1058,6 +1177,7 @@ class OutputLock:
         try:
             _check_writable(self.folder)
             if not self.shared:
+                check_submissions(self.folder)  # jobs of any participant still publishing
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, _holder_line().encode(), 0)
         except BaseException:
@@ -1105,10 +1225,19 @@ class ParticipantLocks:
                 self._fds.append(fd)
                 os.ftruncate(fd, 0)
                 os.pwrite(fd, _holder_line().encode(), 0)
+            check_submissions(self.folder, self.labels)  # graph-plugin jobs still publishing
         except BaseException:
             self.__exit__()
             raise
         return self
+
+    def record_submission(self, *, comment: str, plugin: str, work_dir: Path) -> None:
+        """:func:`record_submission` for this run's participants."""
+        record_submission(self.folder, self.labels, comment=comment, plugin=plugin,
+                          work_dir=work_dir)
+
+    def clear_submission(self) -> None:
+        clear_submission(self.folder, self.labels)
 
     def __exit__(self, *exc_info: object) -> None:
         while self._fds:

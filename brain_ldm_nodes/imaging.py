@@ -43,6 +43,8 @@ from nibabel.orientations import (
     ornt_transform,
 )
 
+from .annex import not_retrieved, retrieve_hint
+
 __all__ = [
     "MODEL_GRID_SHAPE",
     "MODEL_ORIENTATION",
@@ -327,6 +329,8 @@ def load_latent(path: str | os.PathLike[str]) -> np.ndarray:
 
 def _load_nifti(source: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     if not source.exists():
+        if not_retrieved(source):
+            raise FileNotFoundError(retrieve_hint(source))
         raise FileNotFoundError(f"{source}: file not found")
     if source.is_dir():
         raise ValueError(f"{source}: is a directory, not a NIfTI file")

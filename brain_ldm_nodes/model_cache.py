@@ -18,6 +18,20 @@ _MODELS: dict[tuple[str, str | None], BrainLDM] = {}
 MAX_MODELS = 2  # the full model is 2.3 GB; keep at most this many resident
 
 
+def absolute_model_name(model: str | os.PathLike) -> str:
+    """``model`` with a local bundle folder made absolute (against the current directory), so
+    it still names that folder from another working directory; Hub repo ids are unchanged.
+
+    A name that is an existing folder, or that starts with ``./``, ``../`` or ``~`` (a path
+    even if it does not exist yet), is a path; anything else is returned as given.
+    """
+    name = os.fspath(model)
+    path = Path(name).expanduser()
+    if path.is_dir() or name.startswith(("./", "../", "~")) or name in (".", ".."):
+        return str(path.absolute())
+    return name
+
+
 def _cache_key(model: str | os.PathLike, revision: str | None) -> tuple[str, str | None]:
     path = Path(os.fspath(model)).expanduser()
     if path.is_dir():

@@ -142,6 +142,17 @@ def folder_without_config(ctx: Ctx) -> Path:
     return folder
 
 
+def truncated_weights(ctx: Ctx) -> Path:
+    """A copy of the model whose U-Net weights file lost its last bytes (the outputs are
+    complete, so nothing else would read the weights)."""
+    copy = ctx.tmp / "models" / "model"
+    shutil.copytree(ctx.model, copy)
+    shutil.copytree(ctx.model.with_name(ctx.model.name + "-vae"), copy.with_name("model-vae"))
+    weights = copy / "unet.safetensors"
+    os.truncate(weights, weights.stat().st_size - 100)
+    return copy
+
+
 def output_at(where: Callable[[Ctx], Path]) -> Callable[[Ctx], list[object]]:
     return lambda ctx: ctx.participant(out=where(ctx))
 
@@ -301,6 +312,8 @@ BAD = {
             "downloads are off",)),
     "model folder that is not a bundle": Case(model_arg(folder_without_config), 1, (
         "not-a-bundle: not a brain-ldm bundle (no config.json)",)),
+    "model weights truncated (outputs complete)": Case(model_arg(truncated_weights), 1, (
+        "--model: ", "model/unet.safetensors: sha256 ", "does not match", "in config.json")),
     "model that is the VAE bundle": Case(
         model_arg(lambda c: c.model.with_name(c.model.name + "-vae")), 1, (
             "is a brain_ldm.vae bundle (the autoencoder alone); --model needs a brain_ldm.1",)),

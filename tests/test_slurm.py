@@ -126,10 +126,60 @@ def test_slurmgraph_submits_every_job_and_a_rerun_finds_the_bytes_of_a_local_run
     while not all(path.exists() for path in sidecars):  # written last, after the image
         assert time.monotonic() < deadline, sorted(p.name for p in out.rglob("*"))
         time.sleep(1)
-    assert tree(out) == tree(local)
+    _wait_until_the_queue_is_empty(deadline)  # until then a rerun is refused (next test)
     again = console(*common, env=cluster_env)
     assert again.code == 0, again.err
     assert "3 already complete, 0 to sample" in again.out
+    assert tree(out) == tree(local)  # the submission's records are gone too
+
+
+def _queued(comment: str | None = None) -> list[str]:
+    """Job ids in the queue (with SLURM comment ``comment``, if given)."""
+    listing = subprocess.run(["squeue", "--noheader", "--format=%i|%k"], capture_output=True,
+                             text=True, check=True).stdout.split()
+    return [line.split("|")[0] for line in listing
+            if comment is None or line.split("|", 1)[1] == comment]
+
+
+def _wait_until_the_queue_is_empty(deadline: float) -> None:
+    while _queued():
+        assert time.monotonic() < deadline, _queued()
+        time.sleep(1)
+
+
+def test_slurmgraph_jobs_keep_their_participants_until_they_leave_the_queue(
+    tmp_path, tiny_model, local_run, cluster_env
+):
+    """The command returns while its jobs wait (here: held); another run on those participants
+    (which would clean up their temporaries) and the group level are refused, naming the jobs;
+    once the jobs have left the queue both proceed."""
+    dataset, _ = local_run
+    out = tmp_path / "out"
+    common = [dataset, out, "participant", "--model", tiny_model, "--num-inference-steps", STEPS]
+    plugin_args = {"sbatch_args": f"--hold --time=10 {' '.join(SMALL_TASK)}"}
+    done = console(*common, "-w", tmp_path / "work", "--plugin", "SLURMGraph",
+                   "--plugin-args", json.dumps(plugin_args), env=cluster_env)
+    assert done.code == 0, done.err + done.out[-2000:]
+    records = sorted((out / ".brain-ldm-bids-locks").glob("sub-*.jobs"))
+    assert [path.name for path in records] == ["sub-01.jobs", "sub-02.jobs", "sub-03.jobs"]
+    comment = json.loads(records[0].read_text())["comment"]
+    jobs = _queued(comment)
+    try:
+        assert len(jobs) >= 3, subprocess.run(["squeue"], capture_output=True, text=True).stdout
+        for argv in ([*common, "--participant-label", "02"], [dataset, out, "group"]):
+            refused = console(*argv, env=cluster_env)
+            assert refused.code == 1, refused.out[-2000:]
+            lines = refused.err.strip().splitlines()
+            assert len(lines) == 1, refused.err
+            assert "still queued or running" in lines[0] and jobs[0] in lines[0], lines[0]
+            assert f"--comment={comment}" in lines[0]
+    finally:
+        subprocess.run(["scancel", *jobs], check=False)
+    _wait_until_the_queue_is_empty(time.monotonic() + 120)
+    again = console(*common, "--participant-label", "02", env=cluster_env)
+    assert again.code == 0, again.err
+    assert "summary: 1 images written" in again.out
+    assert not (out / ".brain-ldm-bids-locks" / "sub-02.jobs").exists()
 
 
 def test_sbatch_job_array_one_participant_per_task_gives_the_bytes_of_a_local_run(

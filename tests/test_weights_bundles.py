@@ -325,3 +325,99 @@ def test_full_size_checkpoints_convert_and_match_monai(tmp_path):
     model = BrainLDM.from_pretrained(tmp_path / "out" / "brain_ldm.1")
     assert model.latent_shape() == (3, 20, 28, 20)
     assert_model_matches_monai(model, monai_vae, monai_unet)
+
+
+# -- same tensors, same bytes; permissions as the umask says; unreadable bundles -----------------
+def _bundle_files(folder: Path) -> dict[str, bytes]:
+    return {path.name: path.read_bytes() for path in sorted(folder.iterdir()) if path.suffix == ".safetensors"}
+
+
+def test_saving_the_same_tensors_again_gives_the_same_bytes_and_sha256(upstream, tmp_path):
+    """save_pretrained, make_tiny_bundle.py with one seed and brain-ldm-convert of one checkpoint,
+    each repeated: identical weights files, so identical weights_sha256 (resumed runs do not
+    sample again after a re-conversion)."""
+    import importlib.util
+
+    from brain_ldm_nodes.weights.bundle import read_bundle_config
+
+    model = BrainLDM.random(key=jax.random.key(3), vae_config=TINY_VAE, unet_config=TINY_UNET,
+                            image_shape=(16, 16, 16))
+    spec = importlib.util.spec_from_file_location(
+        "make_tiny_bundle", Path(__file__).resolve().parents[1] / "workflows" / "make_tiny_bundle.py")
+    tiny_script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tiny_script)
+    routes = {
+        "save_pretrained": lambda out: model.save_pretrained(out / "brain_ldm.1"),
+        "make_tiny_bundle": lambda out: tiny_script.make_tiny_bundle(out / "brain_ldm.1", seed=5,
+                                                                     image_shape=(16, 16, 16)),
+        "brain-ldm-convert": lambda out: convert_cli.main(convert_args(upstream, out)),
+    }
+    for route, save in routes.items():
+        written = []
+        for attempt in range(5):  # safetensors' metadata order changed between calls
+            out = tmp_path / route / str(attempt)
+            save(out)
+            folders = sorted(path for path in out.iterdir() if (path / "config.json").is_file())
+            assert len(folders) == 2, folders
+            written.append({folder.name: (_bundle_files(folder), read_bundle_config(folder).weights_sha256)
+                            for folder in folders})
+        hashes = [{name: sha for name, (_, sha) in attempt.items()} for attempt in written]
+        assert all(other == hashes[0] for other in hashes), (route, hashes)
+        assert all(other == written[0] for other in written), route
+
+
+def test_bundles_honour_the_umask(tmp_path):
+    from brain_ldm_nodes.imaging import write_json
+
+    model = BrainLDM.random(key=jax.random.key(0), vae_config=TINY_VAE, unet_config=TINY_UNET,
+                            image_shape=(16, 16, 16))
+    for umask, folder_mode, file_mode in ((0o022, 0o755, 0o644), (0o027, 0o750, 0o640)):
+        previous = os.umask(umask)
+        try:
+            out = tmp_path / f"umask-{umask:03o}"
+            model.save_pretrained(out / "brain_ldm.1")
+            write_json({"a": 1}, out / "derivative" / "sidecar.json")
+        finally:
+            os.umask(previous)
+        for bundle_folder in (out / "brain_ldm.1", out / "brain_ldm.vae"):
+            assert bundle_folder.stat().st_mode & 0o777 == folder_mode, (umask, bundle_folder)
+            for path in bundle_folder.iterdir():
+                assert path.stat().st_mode & 0o777 == file_mode, (umask, path)
+        assert (out / "derivative" / "sidecar.json").stat().st_mode & 0o777 == file_mode
+
+
+@pytest.mark.parametrize("unreadable", ["folders", "weights"])
+def test_a_bundle_that_cannot_be_read_is_one_clear_line(tmp_path, unreadable):
+    """A bundle its user may not read (e.g. written 0700/0600 by a colleague): one line."""
+    model = BrainLDM.random(key=jax.random.key(0), vae_config=TINY_VAE, unet_config=TINY_UNET,
+                            image_shape=(16, 16, 16))
+    model.save_pretrained(tmp_path / "brain_ldm.1")
+    locked = ([tmp_path / "brain_ldm.1", tmp_path / "brain_ldm.vae"] if unreadable == "folders"
+              else [tmp_path / "brain_ldm.1" / "unet.safetensors"])
+    script = textwrap.dedent("""
+        import sys
+        from brain_ldm_nodes import BrainLDM
+        from brain_ldm_nodes.weights.bundle import BundleError
+        try:
+            BrainLDM.from_pretrained(sys.argv[1])
+        except BundleError as error:
+            sys.exit(f"error: {error}")
+    """)
+    env = {**os.environ, "BRAIN_LDM_NODES_VERIFIED_DIR": "off"}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(__file__).resolve().parents[1]),
+                                                      env.get("PYTHONPATH")]))
+    # root reads everything: drop the capabilities that let it (util-linux setpriv)
+    as_user = (["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+               if os.geteuid() == 0 else [])
+    for path in locked:
+        path.chmod(0o000)
+    try:
+        done = subprocess.run([*as_user, sys.executable, "-c", script, str(tmp_path / "brain_ldm.1")],
+                              env=env, capture_output=True, text=True)
+    finally:
+        for path in locked:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr[-2000:]
+    assert lines[0].startswith(f"error: {tmp_path / 'brain_ldm.1'}: cannot read the bundle (Permission denied")
+    assert f"chmod -R a+rX {tmp_path / 'brain_ldm.1'}" in lines[0]

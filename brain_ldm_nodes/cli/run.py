@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import secrets
 import shutil
 import sys
 import time
@@ -159,12 +160,15 @@ def _model_name(args) -> tuple[str, str]:
 
 
 def _resolve_model(model: str, revision: str | None, named_by: str = "--model"):
-    """The model's identity (configs only, no weights); errors name where the model came from."""
+    """The model's identity (configs; weights files checked against their sha256 once, not
+    loaded); errors name where the model came from."""
     from ..derivatives import ModelIdentity
-    from ..weights.bundle import BundleError
+    from ..weights.bundle import BundleError, WeightsMismatchError
 
     try:
         return ModelIdentity.resolve(model, revision, local_files_only=_hub_offline())
+    except WeightsMismatchError as exc:  # checked once here, not once per image
+        raise BundleError(f"{named_by}: {_one_line(exc)}") from exc
     except BundleError as exc:
         raise BundleError(
             f"{named_by}: {_one_line(exc)} (accepted: a brain_ldm.1 bundle folder, e.g. from "
@@ -532,16 +536,26 @@ def run_participant_level(args) -> int:
         failures: dict[str, str] | None = {}
         work = work_dir or default_work_dir(output_dir, labels)
         if to_make:
+            submission = _graph_submission(locks, plugin, work)
+            if submission is not None:
+                plugin_args = {**plugin_args, "sbatch_args": " ".join(filter(None, [
+                    str(plugin_args.get("sbatch_args", "")).strip(), f"--comment={submission}"]))}
             with use_compilation_cache(compilation_cache) as cache:
                 if cache is not None:
                     log.info("compilation cache: %s", cache)
-                failures = _run_workflow(args, to_make, table, identity, output_dir, work,
-                                         plugin, plugin_args)
+                try:
+                    failures = _run_workflow(args, to_make, table, identity, output_dir, work,
+                                             plugin, plugin_args)
+                except BaseException:
+                    if submission is not None and not _jobs_queued(submission):
+                        locks.clear_submission()  # nothing was submitted: nothing to wait for
+                    raise
         if failures is None:  # a graph plugin submitted every job and returned
             log.info("submitted %d images as %s jobs, which publish into %s themselves; when "
                      "they have finished, run the same command again (any plugin): it reports "
-                     "what is complete and redoes what failed. Work folder (kept for the jobs): "
-                     "%s", len(to_make), plugin, output_dir, work)
+                     "what is complete and redoes what failed. Until then runs on these "
+                     "participants and the group level are refused. Work folder (kept for the "
+                     "jobs): %s", len(to_make), plugin, output_dir, work)
             return 0
         if args.counterfactual is None:
             _remove_stale_images(output_dir, table, args.n_samples, failures, to_make)
@@ -555,6 +569,27 @@ def run_participant_level(args) -> int:
             with suppress(OSError):  # the shared parent, once no other run uses it
                 work.parent.rmdir()
     return 0
+
+
+def _graph_submission(locks, plugin: str, work: Path) -> str | None:
+    """For SLURMGraph, whose jobs outlive the command (and its participant locks): a SLURM
+    comment for every job, recorded with the locks so that later runs on these participants
+    are refused while ``squeue`` lists such a job. ``None`` for other plugins."""
+    if plugin == "SLURMGraph":
+        comment = f"brain-ldm-bids:{secrets.token_hex(8)}"
+        locks.record_submission(comment=comment, plugin=plugin, work_dir=work)
+        return comment
+    if plugin.endswith("Graph"):
+        log.info("note: the %s jobs will outlive this command and its participant locks; do "
+                 "not start another run on these participants until they have finished", plugin)
+    return None
+
+
+def _jobs_queued(comment: str) -> bool:
+    from ..derivatives import queued_jobs
+
+    jobs = queued_jobs(comment)
+    return isinstance(jobs, list) and bool(jobs)
 
 
 def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,

@@ -2,17 +2,45 @@
 
 from __future__ import annotations
 
-from nipype.interfaces.base import isdefined, traits
+import os
 
-from ..model_cache import get_model
+from nipype.interfaces.base import File, isdefined, traits
+from traits.api import TraitError
+
+from ..annex import not_retrieved, retrieve_hint
+from ..model_cache import absolute_model_name, get_model
 from ..pipeline import BrainLDM
 
 
-def model_trait() -> traits.Str:
-    return traits.Str(
+class ModelName(traits.BaseStr):
+    """A model input: a bundle folder, made absolute when the input is set (Nipype runs each
+    node in its own working folder, where a relative path means nothing), or a Hub repo id
+    (kept as given). ``os.PathLike`` values are accepted."""
+
+    info_text = "a brain_ldm.1 bundle folder or a Hugging Face Hub repo id"
+
+    def validate(self, obj: object, name: str, value: object) -> str:
+        if isinstance(value, os.PathLike):
+            value = os.fspath(value)
+        return absolute_model_name(super().validate(obj, name, value))
+
+
+class InputImage(File):
+    """An existing input file; a git-annex/DataLad link without content is refused with the
+    file and ``datalad get`` named (annexed links with content are read through the link)."""
+
+    def validate(self, objekt: object, name: str, value: object, return_pathlike: bool = False):
+        if isinstance(value, (str, os.PathLike)) and not_retrieved(value):
+            raise TraitError(f"input {name!r}: {retrieve_hint(value)}")
+        return super().validate(objekt, name, value, return_pathlike)
+
+
+def model_trait() -> ModelName:
+    return ModelName(
         mandatory=True,
-        desc="Brain LDM model: a local brain_ldm.1 bundle folder or a Hugging Face Hub repo id "
-        "(loaded once per process by brain_ldm_nodes.model_cache.get_model)",
+        desc="Brain LDM model: a local brain_ldm.1 bundle folder (a relative path is made "
+        "absolute against the current directory when the input is set) or a Hugging Face Hub "
+        "repo id (loaded once per process by brain_ldm_nodes.model_cache.get_model)",
     )
 
 

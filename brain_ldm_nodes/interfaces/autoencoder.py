@@ -26,7 +26,7 @@ from ..imaging import (
     write_json,
 )
 from ..provenance import decode_sidecar, encode_report
-from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
+from ._common import InputImage, cached_model, model_checksum_trait, model_trait, revision_trait
 
 
 def as_is_encoder_input(
@@ -63,7 +63,7 @@ def as_is_encoder_input(
 
 
 class _VAEEncodeInputSpec(BaseInterfaceInputSpec):
-    in_file = File(
+    in_file = InputImage(
         exists=True, mandatory=True,
         desc="T1-weighted NIfTI, 3-D (or 4-D with one volume); any orientation and voxel size "
         "when conform=True",

@@ -18,7 +18,7 @@ from nipype.interfaces.base import (
 from ..demographics import Conditioning
 from ..imaging import conform_t1w, load_t1w, save_latent, save_t1w, write_json
 from ..provenance import counterfactual_sidecar, read_conditioning, reconstruction_error
-from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
+from ._common import InputImage, cached_model, model_checksum_trait, model_trait, revision_trait
 from .autoencoder import as_is_encoder_input
 
 _FROM_XOR = ["conditioning_from", "conditioning_from_file"]  # exactly one of them
@@ -34,7 +34,7 @@ _FILE_DESC = (
 
 
 class _CounterfactualT1wInputSpec(BaseInterfaceInputSpec):
-    in_file = File(
+    in_file = InputImage(
         exists=True, mandatory=True,
         desc="the subject's real T1-weighted NIfTI, 3-D (or 4-D with one volume); any "
         "orientation and voxel size when conform=True",

@@ -28,7 +28,6 @@ from typing import Any, Literal
 import equinox as eqx
 import jax
 import numpy as np
-from safetensors.numpy import save_file
 
 from .._version import __version__
 from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
@@ -46,6 +45,11 @@ BUNDLE_FILES = ["config.json", "*.safetensors", "README.md"]
 
 class BundleError(ValueError):
     """A bundle cannot be found, read or trusted; the message names it and says why."""
+
+
+class WeightsMismatchError(BundleError):
+    """A weights file's sha256 is not the one its ``config.json`` records (corrupt, truncated
+    or modified)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +206,7 @@ def verify_weights_file(path: Path, expected_sha256: str) -> None:
             pass
     digest = sha256_of(path)
     if digest != expected_sha256:
-        raise BundleError(
+        raise WeightsMismatchError(
             f"{path}: sha256 {digest} does not match {expected_sha256} in config.json; "
             "the file is corrupt or was modified (re-download or re-convert it)"
         )
@@ -218,6 +222,61 @@ def verify_weights_file(path: Path, expected_sha256: str) -> None:
 
 
 # -- writing -------------------------------------------------------------------------------------
+_SAFETENSORS_NAMES = {np.dtype(dtype): name for name, dtype in
+                      (("F32", np.float32), ("F16", np.float16), ("F64", np.float64))}
+
+
+def write_safetensors(
+    path: Path, tensors: Mapping[str, np.ndarray], metadata: Mapping[str, str] | None = None
+) -> None:
+    """Write ``tensors`` as a safetensors file whose bytes depend on the tensors alone.
+
+    ``safetensors.numpy.save_file`` writes its ``__metadata__`` from a hash map whose order
+    changes from call to call, so the same tensors gave different files (and sha256). Here the
+    header is JSON with sorted keys and no spaces, padded with spaces to 8 bytes, followed by
+    the tensors in name order, little-endian and C-contiguous (the format as ``safetensors``
+    reads it). Memory-mapped inputs are streamed, not copied whole.
+    """
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = {str(key): str(value) for key, value in metadata.items()}
+    offset = 0
+    ordered = []
+    for name in sorted(tensors):
+        array = np.asarray(tensors[name])
+        dtype = array.dtype.newbyteorder("=")
+        if dtype not in _SAFETENSORS_NAMES:
+            raise ValueError(f"tensor {name!r}: dtype {array.dtype} is not float16/32/64")
+        size = array.size * dtype.itemsize
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(array.shape),
+                        "data_offsets": [offset, offset + size]}
+        ordered.append(np.ascontiguousarray(array, dtype=dtype.newbyteorder("<")))
+        offset += size
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)
+    with open(path, "wb") as handle:
+        handle.write(len(text).to_bytes(8, "little"))
+        handle.write(text)
+        for array in ordered:
+            flat = array.reshape(-1)
+            for start in range(0, flat.size, 1 << 24):  # 64 MiB of float32 at a time
+                handle.write(flat[start:start + (1 << 24)].tobytes())
+
+
+def current_umask() -> int:
+    """The process's umask (read without changing it where Linux shows it)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # pragma: no cover - not Linux
+    os.umask(mask)
+    return mask
+
+
 def _write_bundle(
     folder: Path,
     tensors: Mapping[str, np.ndarray],
@@ -229,8 +288,11 @@ def _write_bundle(
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
     try:
+        # mkdtemp makes the folder 0700; a bundle is shared like any folder (umask 022: 0755).
+        os.chmod(staging, 0o777 & ~current_umask())
         weights = staging / config_without_sha.weights_file
-        save_file(tensors, str(weights), metadata={"format": "np", "bundle_type": config_without_sha.bundle_type})
+        write_safetensors(weights, tensors,
+                          metadata={"format": "np", "bundle_type": config_without_sha.bundle_type})
         config = dataclasses.replace(config_without_sha, weights_sha256=sha256_of(weights))
         (staging / "config.json").write_text(_to_json(config), encoding="utf-8")
         (staging / "README.md").write_text(card, encoding="utf-8")
@@ -371,15 +433,44 @@ def resolve_bundle(
             offline, or does not exist; the message says which and what to do.
     """
     candidate = Path(os.fspath(repo_id_or_path)).expanduser()
-    if candidate.is_dir():
-        if not (candidate / "config.json").is_file():
+    try:
+        is_folder = candidate.is_dir()
+    except PermissionError as error:
+        raise BundleError(unreadable_bundle_message(candidate, error)) from None
+    if is_folder:
+        try:
+            has_config = (candidate / "config.json").is_file()
+            if has_config:
+                with open(candidate / "config.json", "rb"):
+                    pass
+        except OSError as error:
+            raise BundleError(unreadable_bundle_message(candidate, error)) from None
+        if not has_config:
             raise BundleError(f"{candidate}: not a brain-ldm bundle (no config.json)")
         return candidate
     name = os.fspath(repo_id_or_path)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1:
-        raise BundleError(f"{name}: no such bundle folder")
     import huggingface_hub
     from huggingface_hub import errors as hub_errors
+    from huggingface_hub.utils import validate_repo_id
+
+    if _looks_like_path(name):
+        missing = f"{name}: no such bundle folder" + (
+            "" if candidate.is_absolute() else f" ({candidate.absolute()} does not exist)")
+        try:
+            valid_repo_id = validate_repo_id(name) is None
+        except hub_errors.HFValidationError:
+            valid_repo_id = False
+        if not valid_repo_id:
+            raise BundleError(missing)
+        try:  # a valid repo id as well: use it only if it is already in the local cache
+            kwargs = {"revision": revision, "cache_dir": cache_dir, "token": token,
+                      "allow_patterns": BUNDLE_FILES, "local_files_only": True}
+            return Path(huggingface_hub.snapshot_download(name, **kwargs))
+        except (hub_errors.LocalEntryNotFoundError, hub_errors.HFValidationError, OSError):
+            raise BundleError(
+                f"{missing}; as a Hugging Face Hub repo id it is not in the local cache either "
+                f"(`brain-ldm-fetch {name}` fetches it)"
+            ) from None
 
     kwargs: dict[str, Any] = {"revision": revision, "cache_dir": cache_dir, "token": token,
                               "allow_patterns": BUNDLE_FILES}
@@ -388,6 +479,12 @@ def resolve_bundle(
     try:
         folder = huggingface_hub.snapshot_download(name, **kwargs)
     except hub_errors.LocalEntryNotFoundError:
+        if name.endswith((MODEL_BUNDLE, VAE_BUNDLE)):  # a bundle folder's name: meant as a path
+            raise BundleError(
+                f"{name}: no such bundle folder ({candidate.absolute()} does not exist); as a "
+                "Hugging Face Hub repo id it is not in the local cache either "
+                f"(`brain-ldm-fetch {name}` fetches it)"
+            ) from None
         raise BundleError(
             f"{name}" + (f"@{revision}" if revision else "") + ": not found in the Hugging Face "
             "cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only). Fetch it (and "
@@ -402,11 +499,30 @@ def resolve_bundle(
     return Path(folder)
 
 
+def unreadable_bundle_message(folder: Path, error: OSError) -> str:
+    """One line: ``folder`` (a bundle) cannot be read by this user, and how its owner fixes it."""
+    return (f"{folder}: cannot read the bundle ({error.strerror or type(error).__name__}: "
+            f"{error.filename or folder}); its folders and files must be readable by you "
+            f"(its owner can run `chmod -R a+rX {folder}`)")
+
+
+def _looks_like_path(name: str) -> bool:
+    """Whether a model name that is not an existing folder was meant as one: it starts with
+    ``.``, ``/`` or ``~``, has other than one ``/`` (repo ids are ``owner/name``) or a
+    backslash, or its first component is an existing local folder (``converted/brain_ldm.1`` after
+    ``mkdir converted``)."""
+    if name.startswith((".", "/", "~")) or name.count("/") != 1 or "\\" in name:
+        return True
+    return Path(name.split("/", 1)[0]).is_dir()
+
+
 def read_bundle_config(folder: Path) -> VAEBundleConfig | ModelBundleConfig:
     """Parse and validate ``folder/config.json``."""
     path = Path(folder) / "config.json"
     try:
         text = path.read_text(encoding="utf-8")
+    except PermissionError as error:
+        raise BundleError(unreadable_bundle_message(Path(folder), error)) from None
     except OSError as error:
         raise BundleError(f"{folder}: cannot read config.json ({error.strerror})") from None
     return _from_json(text, str(folder))
@@ -417,10 +533,15 @@ def load_bundle_weights(
 ) -> AutoencoderKL | DiffusionModelUNet:
     """The network of a bundle, its weights checked against the sha256 in ``config.json``."""
     weights = Path(folder) / config.weights_file
-    if not weights.is_file():
-        raise BundleError(f"{folder}: weights file {config.weights_file} is missing")
-    if verify:
-        verify_weights_file(weights, config.weights_sha256)
+    try:
+        if not weights.is_file():
+            raise BundleError(f"{folder}: weights file {config.weights_file} is missing")
+        if verify:
+            verify_weights_file(weights, config.weights_sha256)
+        with open(weights, "rb"):
+            pass
+    except PermissionError as error:
+        raise BundleError(unreadable_bundle_message(Path(folder), error)) from None
     if isinstance(config, VAEBundleConfig):
         skeleton = eqx.filter_eval_shape(AutoencoderKL, config.autoencoder, key=jax.random.key(0))
     else:
