@@ -478,13 +478,17 @@ def resolve_bundle(
         kwargs["local_files_only"] = local_files_only
     try:
         folder = huggingface_hub.snapshot_download(name, **kwargs)
-    except hub_errors.LocalEntryNotFoundError:
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.RepositoryNotFoundError) as error:
         if name.endswith((MODEL_BUNDLE, VAE_BUNDLE)):  # a bundle folder's name: meant as a path
+            where = ("in the local cache" if isinstance(error, hub_errors.LocalEntryNotFoundError)
+                     else "on the Hub")
             raise BundleError(
                 f"{name}: no such bundle folder ({candidate.absolute()} does not exist); as a "
-                "Hugging Face Hub repo id it is not in the local cache either "
+                f"Hugging Face Hub repo id it is not {where} either "
                 f"(`brain-ldm-fetch {name}` fetches it)"
             ) from None
+        if isinstance(error, hub_errors.RepositoryNotFoundError):
+            raise BundleError(f"{name}: {type(error).__name__}: {error}".splitlines()[0]) from None
         raise BundleError(
             f"{name}" + (f"@{revision}" if revision else "") + ": not found in the Hugging Face "
             "cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only). Fetch it (and "
@@ -494,7 +498,7 @@ def resolve_bundle(
         ) from None
     except hub_errors.HFValidationError as error:
         raise BundleError(f"{name}: neither a bundle folder nor a valid Hub repo id ({error})") from None
-    except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
+    except hub_errors.RevisionNotFoundError as error:
         raise BundleError(f"{name}: {type(error).__name__}: {error}".splitlines()[0]) from None
     return Path(folder)
 
