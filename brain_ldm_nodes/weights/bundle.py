@@ -47,6 +47,10 @@ class BundleError(ValueError):
     """A bundle cannot be found, read or trusted; the message names it and says why."""
 
 
+class UnreadableBundleError(BundleError):
+    """A bundle's folder or files cannot be read by this user (permissions)."""
+
+
 class WeightsMismatchError(BundleError):
     """A weights file's sha256 is not the one its ``config.json`` records (corrupt, truncated
     or modified)."""
@@ -436,7 +440,7 @@ def resolve_bundle(
     try:
         is_folder = candidate.is_dir()
     except PermissionError as error:
-        raise BundleError(unreadable_bundle_message(candidate, error)) from None
+        raise UnreadableBundleError(unreadable_bundle_message(candidate, error)) from None
     if is_folder:
         try:
             has_config = (candidate / "config.json").is_file()
@@ -444,7 +448,7 @@ def resolve_bundle(
                 with open(candidate / "config.json", "rb"):
                     pass
         except OSError as error:
-            raise BundleError(unreadable_bundle_message(candidate, error)) from None
+            raise UnreadableBundleError(unreadable_bundle_message(candidate, error)) from None
         if not has_config:
             raise BundleError(f"{candidate}: not a brain-ldm bundle (no config.json)")
         return candidate
@@ -526,7 +530,7 @@ def read_bundle_config(folder: Path) -> VAEBundleConfig | ModelBundleConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except PermissionError as error:
-        raise BundleError(unreadable_bundle_message(Path(folder), error)) from None
+        raise UnreadableBundleError(unreadable_bundle_message(Path(folder), error)) from None
     except OSError as error:
         raise BundleError(f"{folder}: cannot read config.json ({error.strerror})") from None
     return _from_json(text, str(folder))
@@ -545,7 +549,7 @@ def load_bundle_weights(
         with open(weights, "rb"):
             pass
     except PermissionError as error:
-        raise BundleError(unreadable_bundle_message(Path(folder), error)) from None
+        raise UnreadableBundleError(unreadable_bundle_message(Path(folder), error)) from None
     if isinstance(config, VAEBundleConfig):
         skeleton = eqx.filter_eval_shape(AutoencoderKL, config.autoencoder, key=jax.random.key(0))
     else:
