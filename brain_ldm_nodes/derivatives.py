@@ -233,7 +233,7 @@ class ModelIdentity:
                     bundle.verify_weights_file(weights, cfg.weights_sha256)
             except PermissionError as error:
                 message = bundle.unreadable_bundle_message(Path(where), error)
-                raise bundle.BundleError(message) from None
+                raise bundle.UnreadableBundleError(message) from None
         return cls(
             model=name,
             revision=revision,

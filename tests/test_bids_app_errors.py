@@ -493,3 +493,27 @@ def test_main_module_runs_like_the_console_script():
     done = subprocess.run([sys.executable, "-m", "brain_ldm_nodes.cli.run", "--version"],
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0 and done.stdout.startswith("brain-ldm-bids ")
+
+
+def test_a_model_bundle_that_cannot_be_read_is_one_line(ctx):
+    """A bundle on shared storage that this user may not read (made 0700 by a colleague)."""
+    model = truncated_weights(ctx)  # a private copy; its weights do not matter here
+    locked = [model, model.with_name("model-vae")]
+    for path in locked:
+        path.chmod(0o000)
+    # root reads everything: drop the capabilities that let it (util-linux setpriv)
+    as_user = (["setpriv", "--bounding-set=-dac_override,-dac_read_search"]
+               if os.geteuid() == 0 else [])
+    try:
+        argv = [ctx.dataset, ctx.out, "participant", "--model", model,
+                "--num-inference-steps", STEPS]
+        done = subprocess.run([*as_user, str(CONSOLE_SCRIPT), *map(str, argv)],
+                              capture_output=True, text=True, env=console_env(), check=False)
+    finally:
+        for path in locked:
+            path.chmod(0o755)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 1 and len(lines) == 1, done.stderr
+    assert lines[0].startswith(f"brain-ldm-bids: error: --model: {model}: cannot read the bundle "
+                               "(Permission denied"), lines[0]
+    assert f"chmod -R a+rX {model}" in lines[0]

@@ -34,7 +34,7 @@ def readme_block(language: str, marker: str) -> str:
 
 def environment() -> dict[str, str]:
     """This interpreter first on PATH (``python`` in a snippet), this checkout importable."""
-    env = os.environ.copy()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}  # no network in tests
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env

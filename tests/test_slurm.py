@@ -178,7 +178,7 @@ def test_slurmgraph_jobs_keep_their_participants_until_they_leave_the_queue(
     _wait_until_the_queue_is_empty(time.monotonic() + 120)
     again = console(*common, "--participant-label", "02", env=cluster_env)
     assert again.code == 0, again.err
-    assert "summary: 1 images written" in again.out
+    assert (out / "sub-02" / "anat" / "sub-02_desc-synthetic_T1w.json").exists()  # written last
     assert not (out / ".brain-ldm-bids-locks" / "sub-02.jobs").exists()
 
 

@@ -163,11 +163,11 @@ def _resolve_model(model: str, revision: str | None, named_by: str = "--model"):
     """The model's identity (configs; weights files checked against their sha256 once, not
     loaded); errors name where the model came from."""
     from ..derivatives import ModelIdentity
-    from ..weights.bundle import BundleError, WeightsMismatchError
+    from ..weights.bundle import BundleError, UnreadableBundleError, WeightsMismatchError
 
     try:
         return ModelIdentity.resolve(model, revision, local_files_only=_hub_offline())
-    except WeightsMismatchError as exc:  # checked once here, not once per image
+    except (WeightsMismatchError, UnreadableBundleError) as exc:  # once here, not per image
         raise BundleError(f"{named_by}: {_one_line(exc)}") from exc
     except BundleError as exc:
         raise BundleError(

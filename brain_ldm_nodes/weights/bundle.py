@@ -47,6 +47,10 @@ class BundleError(ValueError):
     """A bundle cannot be found, read or trusted; the message names it and says why."""
 
 
+class UnreadableBundleError(BundleError):
+    """A bundle's folder or files cannot be read by this user (permissions)."""
+
+
 class WeightsMismatchError(BundleError):
     """A weights file's sha256 is not the one its ``config.json`` records (corrupt, truncated
     or modified)."""
@@ -436,7 +440,7 @@ def resolve_bundle(
     try:
         is_folder = candidate.is_dir()
     except PermissionError as error:
-        raise BundleError(unreadable_bundle_message(candidate, error)) from None
+        raise UnreadableBundleError(unreadable_bundle_message(candidate, error)) from None
     if is_folder:
         try:
             has_config = (candidate / "config.json").is_file()
@@ -444,7 +448,7 @@ def resolve_bundle(
                 with open(candidate / "config.json", "rb"):
                     pass
         except OSError as error:
-            raise BundleError(unreadable_bundle_message(candidate, error)) from None
+            raise UnreadableBundleError(unreadable_bundle_message(candidate, error)) from None
         if not has_config:
             raise BundleError(f"{candidate}: not a brain-ldm bundle (no config.json)")
         return candidate
@@ -478,13 +482,17 @@ def resolve_bundle(
         kwargs["local_files_only"] = local_files_only
     try:
         folder = huggingface_hub.snapshot_download(name, **kwargs)
-    except hub_errors.LocalEntryNotFoundError:
+    except (hub_errors.LocalEntryNotFoundError, hub_errors.RepositoryNotFoundError) as error:
         if name.endswith((MODEL_BUNDLE, VAE_BUNDLE)):  # a bundle folder's name: meant as a path
+            where = ("in the local cache" if isinstance(error, hub_errors.LocalEntryNotFoundError)
+                     else "on the Hub")
             raise BundleError(
                 f"{name}: no such bundle folder ({candidate.absolute()} does not exist); as a "
-                "Hugging Face Hub repo id it is not in the local cache either "
+                f"Hugging Face Hub repo id it is not {where} either "
                 f"(`brain-ldm-fetch {name}` fetches it)"
             ) from None
+        if isinstance(error, hub_errors.RepositoryNotFoundError):
+            raise BundleError(f"{name}: {type(error).__name__}: {error}".splitlines()[0]) from None
         raise BundleError(
             f"{name}" + (f"@{revision}" if revision else "") + ": not found in the Hugging Face "
             "cache and downloads are off (HF_HUB_OFFLINE=1 or local_files_only). Fetch it (and "
@@ -494,7 +502,7 @@ def resolve_bundle(
         ) from None
     except hub_errors.HFValidationError as error:
         raise BundleError(f"{name}: neither a bundle folder nor a valid Hub repo id ({error})") from None
-    except (hub_errors.RepositoryNotFoundError, hub_errors.RevisionNotFoundError) as error:
+    except hub_errors.RevisionNotFoundError as error:
         raise BundleError(f"{name}: {type(error).__name__}: {error}".splitlines()[0]) from None
     return Path(folder)
 
@@ -522,7 +530,7 @@ def read_bundle_config(folder: Path) -> VAEBundleConfig | ModelBundleConfig:
     try:
         text = path.read_text(encoding="utf-8")
     except PermissionError as error:
-        raise BundleError(unreadable_bundle_message(Path(folder), error)) from None
+        raise UnreadableBundleError(unreadable_bundle_message(Path(folder), error)) from None
     except OSError as error:
         raise BundleError(f"{folder}: cannot read config.json ({error.strerror})") from None
     return _from_json(text, str(folder))
@@ -541,7 +549,7 @@ def load_bundle_weights(
         with open(weights, "rb"):
             pass
     except PermissionError as error:
-        raise BundleError(unreadable_bundle_message(Path(folder), error)) from None
+        raise UnreadableBundleError(unreadable_bundle_message(Path(folder), error)) from None
     if isinstance(config, VAEBundleConfig):
         skeleton = eqx.filter_eval_shape(AutoencoderKL, config.autoencoder, key=jax.random.key(0))
     else:
