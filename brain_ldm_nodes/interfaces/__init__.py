@@ -9,6 +9,7 @@ from .autoencoder import VAEDecode, VAEEncode
 from .conditioning import NormaliseDemographics
 from .counterfactual import CounterfactualSeriesT1w, CounterfactualT1w
 from .derivatives import PublishDerivative
+from .registration import RegisterT1w
 from .sampling import SampleT1w
 
 __all__ = [
@@ -16,6 +17,7 @@ __all__ = [
     "CounterfactualT1w",
     "NormaliseDemographics",
     "PublishDerivative",
+    "RegisterT1w",
     "SampleT1w",
     "VAEDecode",
     "VAEEncode",

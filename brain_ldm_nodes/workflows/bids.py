@@ -158,6 +158,8 @@ def init_single_subject_wf(
                 model=first.model.model,
                 model_checksum=first.model.checksum,
                 out_prefixes=[r.stem for r in members],
+                # Not yet registered to MNI in the BIDS App (issue 14, BIDS App part pending).
+                t1w_space="conform",
             ),
             name=f"counterfactual_{_node_name(source_group)}",
             mem_gb=mem_gb,

@@ -14,7 +14,7 @@ def init_counterfactual_wf(
     model: str,
     revision: str | None = None,
     num_inference_steps: int = 50,
-    conform: bool = True,
+    t1w_space: str = "native",
     mem_gb: float = FULL_SIZE_MEM_GB,
     name: str = "counterfactual_wf",
 ):
@@ -27,7 +27,7 @@ def init_counterfactual_wf(
 
     Workflow graph::
 
-        inputnode → counterfactual_t1w (conform + encode + invert + denoise x2) → outputnode
+        inputnode → counterfactual_t1w (register + encode + invert + denoise x2) → outputnode
 
     Parameters
     ----------
@@ -38,10 +38,12 @@ def init_counterfactual_wf(
     num_inference_steps
         DDIM steps of both the inversion and the sampling (50 upstream); more steps give a
         smaller reconstruction error and take proportionally longer (three passes of steps).
-    conform
-        Rigidly conform the input onto the model grid first (reorient to LAS, 1 mm, centre
-        crop/pad, min-max scale; not registration to MNI). ``False``: the input must already
-        be LAS, 1 mm, sizes multiples of 32 for the released model, intensities ~[0, 1].
+    t1w_space
+        Where the input is (``CounterfactualT1w.t1w_space``): ``"native"`` (default) registers
+        it rigidly to MNI152 onto the model grid; ``"MNI"`` only resamples an image already in
+        MNI152 2009 space (fMRIPrep); ``"model-grid"`` uses it as stored (LAS, 1 mm, sizes
+        multiples of 32 for the released model, ~[0, 1]); ``"conform"`` reorients and
+        centre-crops without registration.
     mem_gb
         Memory the counterfactual node needs, for MultiProc scheduling (GB); about that of one
         sample at the full grid on CPU, far less for small test models.
@@ -67,8 +69,12 @@ def init_counterfactual_wf(
     noise
         The inverted starting noise (latent NIfTI, channels last).
     sidecar
-        JSON of the counterfactual: source image, both conditionings, DDIM settings,
+        JSON of the counterfactual: source image and its preparation (registration method,
+        template, transform file, quality), both conditionings, DDIM settings,
         reconstruction error, model, versions, grid.
+    transform
+        ITK transform file MNI152 → source world (``t1w_space`` ``"native"``/``"MNI"``; else
+        undefined): resample the counterfactual back onto the source with it.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
@@ -76,12 +82,14 @@ def init_counterfactual_wf(
         name="inputnode",
     )
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["counterfactual", "reconstruction", "noise", "sidecar"]),
+        niu.IdentityInterface(
+            fields=["counterfactual", "reconstruction", "noise", "sidecar", "transform"]
+        ),
         name="outputnode",
     )
     counterfactual = pe.Node(
         CounterfactualT1w(
-            model=str(model), conform=conform, num_inference_steps=num_inference_steps
+            model=str(model), t1w_space=t1w_space, num_inference_steps=num_inference_steps
         ),
         name="counterfactual_t1w",
         mem_gb=mem_gb,
@@ -99,5 +107,7 @@ def init_counterfactual_wf(
                                       ("out_noise", "noise"),
                                       ("out_sidecar", "sidecar")]),
     ])
+    if t1w_space in ("native", "MNI"):
+        workflow.connect([(counterfactual, outputnode, [("out_transform", "transform")])])
     # fmt: on
     return workflow
