@@ -64,7 +64,8 @@ def test_template_is_the_documented_mni152_variant(template):
     assert nib.aff2axcodes(template.affine) == ("R", "A", "S")
     # The grid centre is the centre of the template brain's bounding box (documented choice).
     brain = np.argwhere(np.asarray(template.dataobj) > 0)
-    low, high = apply_affine(template.affine, brain.min(0)), apply_affine(template.affine, brain.max(0))
+    low = apply_affine(template.affine, brain.min(0))
+    high = apply_affine(template.affine, brain.max(0))
     np.testing.assert_allclose((low + high) / 2, GRID_CENTRE_MNI_MM, atol=0.5)
     # ... and the model grid then holds the whole brain.
     half = (np.asarray(MODEL_GRID_SHAPE) - 1) / 2
@@ -97,7 +98,8 @@ def test_register_t1w_recovers_known_rigid_motion(
     result = register_t1w(moved, **({} if levels is None else {"levels": levels}))
     seconds = time.perf_counter() - started
     rms_mm, angle_deg = transform_errors(result.transform, motion)
-    print(f"{case}: {seconds:.1f} s, RMS {rms_mm:.2f} mm, {angle_deg:.2f} deg, NCC {result.ncc:.3f}")
+    print(f"{case}: {seconds:.1f} s, RMS {rms_mm:.2f} mm, {angle_deg:.2f} deg, "
+          f"NCC {result.ncc:.3f}")
     assert rms_mm < 1.0
     assert angle_deg < 1.0
     _check_grid_image(result.image)
@@ -134,7 +136,9 @@ def test_resample_to_model_grid_of_an_mni_image_is_the_template(template):
 def test_transform_file_is_read_by_simpleitk_with_the_same_meaning(tmp_path):
     sitk = pytest.importorskip("SimpleITK")  # a runtime dependency: must be installed
     motion = rigid((7, -4, 12), (3, -9, 14))
-    path = write_itk_transform(motion, tmp_path / "sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt")
+    path = write_itk_transform(
+        motion, tmp_path / "sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt"
+    )
     itk = sitk.ReadTransform(str(path))
     flip = np.array([-1.0, -1.0, 1.0])
     for point in ([0.0, 0.0, 0.0], [40.0, -60.0, 25.0], [-70.0, 10.0, -30.0]):

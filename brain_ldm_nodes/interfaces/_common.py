@@ -91,7 +91,12 @@ def prepare_t1w(
     Raises :class:`brain_ldm_nodes.registration.RegistrationError` for a failed registration.
     """
     from ..imaging import conform_t1w, load_t1w, save_t1w, write_json
-    from ..registration import TEMPLATE_NAME, register_t1w, resample_to_model_grid, write_itk_transform
+    from ..registration import (
+        TEMPLATE_NAME,
+        register_t1w,
+        resample_to_model_grid,
+        write_itk_transform,
+    )
     from .autoencoder import as_is_encoder_input
 
     image = load_t1w(in_file)

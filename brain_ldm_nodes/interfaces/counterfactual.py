@@ -118,11 +118,12 @@ def _conditioning(values: object, path: object) -> Conditioning:
 class CounterfactualT1w(SimpleInterface):
     """Counterfactual of a real T1w under other demographics (``BrainLDM.counterfactual``).
 
-    Registers the image onto the model grid (``t1w_space``), encodes it to z_mu, inverts the DDIM trajectory (eta = 0) under
-    ``conditioning_from`` to its starting noise, and samples forward from that noise under
-    ``conditioning_to`` (the counterfactual) and under ``conditioning_from`` (the
-    reconstruction, whose distance from the input the sidecar records). Deterministic:
-    the same inputs reproduce the outputs bitwise.
+    Registers the image onto the model grid (``t1w_space``), encodes it to z_mu, inverts the
+    DDIM trajectory (eta = 0) under ``conditioning_from`` to its starting noise, and samples
+    forward from that noise under ``conditioning_to`` (the counterfactual) and under
+    ``conditioning_from`` (the reconstruction, whose distance from the input the sidecar
+    records). Given the input on the grid, deterministic: the same grid image reproduces the
+    outputs bitwise (ITK's threaded registration may differ in the last digits between runs).
     """
 
     input_spec = _CounterfactualT1wInputSpec
