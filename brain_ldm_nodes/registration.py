@@ -672,16 +672,17 @@ def resample_to_source(
 ) -> nib.Nifti1Image:
     """Resample a model-grid image (e.g. a counterfactual) back onto the source T1w's grid.
 
-    ``registration`` is the :class:`Registration` of ``source`` or its ``grid_to_source``
-    4 x 4 (model-grid world -> source world). Spline ``order`` (1 = linear); voxels outside
-    the model grid are 0. Returns a float32 image with the source's shape and affine.
+    ``registration`` is the :class:`Registration` of ``source`` or its ``transform`` (4 x 4,
+    MNI world -> source world, as :func:`read_itk_transform` returns from the xfm file); the
+    grid image's affine must be ``model_affine(shape)``. Spline ``order`` (1 = linear); voxels
+    outside the model grid are 0. Returns a float32 image with the source's shape and affine.
     """
     from nibabel.processing import resample_from_to
 
     grid_to_source = (
         registration.grid_to_source
         if isinstance(registration, Registration)
-        else np.asarray(registration, dtype=float)
+        else _checked_rigid(registration) @ _grid_to_template()
     )
     shape = tuple(int(n) for n in source.shape[:3])
     data = np.asarray(grid_image.dataobj, dtype=np.float32)

@@ -117,3 +117,59 @@ def test_a_t1w_that_does_not_register_fails_the_node_in_one_line(tmp_path, tiny_
         run_node(VAEEncode(in_file=str(blob), model=tiny_model), tmp_path)
     assert "RegistrationError" in str(info.value)
     assert f"{blob}: rigid registration to the MNI152 template failed" in str(info.value)
+
+
+def test_resample_to_source_node_inverts_the_registration_exactly_for_a_linear_image(tmp_path):
+    # A grid image whose value is a linear function of the MNI point: linear interpolation
+    # reproduces it exactly, so the source-grid output is known voxel by voxel.
+    from brain_ldm_nodes.interfaces import ResampleToSource
+    from brain_ldm_nodes.registration import GRID_CENTRE_MNI_MM, write_itk_transform
+
+    shape = (40, 48, 40)
+    ijk = np.indices(shape).reshape(3, -1).T
+    mni = apply_affine(model_affine(shape), ijk) + np.asarray(GRID_CENTRE_MNI_MM)
+    direction = np.array([0.3, -0.2, 0.5])
+    grid = tmp_path / "grid.nii.gz"
+    nib.save(nib.Nifti1Image((mni @ direction).reshape(shape).astype(np.float32),
+                             model_affine(shape)), grid)
+    source_shape = (50, 60, 45)
+    source_affine = grid_affine(source_shape, (1.2, 1, 1), "LPS", 10, (3, -12, 4))
+    source = tmp_path / "source.nii.gz"
+    nib.save(nib.Nifti1Image(np.zeros(source_shape, np.float32), source_affine), source)
+    transform = write_itk_transform(MOTION, tmp_path / "xfm.txt")
+
+    outputs = run_node(ResampleToSource(in_file=str(grid), source_file=str(source),
+                                        transform=str(transform)), tmp_path)
+    result = nib.load(outputs.out_file)
+    assert result.shape == source_shape
+    np.testing.assert_allclose(result.affine, source_affine, atol=1e-5)
+    voxels = np.indices(source_shape).reshape(3, -1).T
+    points = apply_affine(np.linalg.inv(MOTION), apply_affine(source_affine, voxels))
+    inside = np.all(np.abs(points - GRID_CENTRE_MNI_MM) < (np.asarray(shape) - 1) / 2 - 1, axis=1)
+    assert inside.sum() > 1000
+    got = np.asarray(result.dataobj).reshape(-1)[inside]
+    np.testing.assert_allclose(got, points[inside] @ direction, atol=1e-3)
+
+
+def test_counterfactual_wf_can_resample_back_to_the_source():
+    from brain_ldm_nodes.workflows import init_counterfactual_wf
+
+    workflow = init_counterfactual_wf(model="some/repo", to_source=True)
+    assert "counterfactual_source" in workflow.get_node("outputnode").inputs.copyable_trait_names()
+    assert workflow.get_node("resample_to_source") is not None
+    with pytest.raises(ValueError, match="to_source=True needs t1w_space 'native' or 'MNI'"):
+        init_counterfactual_wf(model="some/repo", t1w_space="conform", to_source=True)
+
+
+def test_readme_registration_snippet_runs(tmp_path, moved_t1w, monkeypatch):
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Real T1w onto the model grid (registration)", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sub-01_T1w.nii.gz").symlink_to(moved_t1w)
+    namespace: dict = {}
+    exec(compile(snippet, "README.md", "exec"), namespace)
+    result = namespace["result"]
+    assert transform_errors(result.transform, MOTION)[0] < 1.0
+    written = tmp_path / "sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt"
+    np.testing.assert_allclose(read_itk_transform(written), result.transform, atol=1e-9)

@@ -9,7 +9,7 @@ from .autoencoder import VAEDecode, VAEEncode
 from .conditioning import NormaliseDemographics
 from .counterfactual import CounterfactualSeriesT1w, CounterfactualT1w
 from .derivatives import PublishDerivative
-from .registration import RegisterT1w
+from .registration import RegisterT1w, ResampleToSource
 from .sampling import SampleT1w
 
 __all__ = [
@@ -18,6 +18,7 @@ __all__ = [
     "NormaliseDemographics",
     "PublishDerivative",
     "RegisterT1w",
+    "ResampleToSource",
     "SampleT1w",
     "VAEDecode",
     "VAEEncode",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from nipype.interfaces.base import (
     BaseInterfaceInputSpec,
     File,
@@ -17,8 +19,10 @@ from ..imaging import load_t1w, save_t1w, write_json
 from ..registration import (
     DEFAULT_MIN_NCC,
     TEMPLATE_NAME,
+    read_itk_transform,
     register_t1w,
     resample_to_model_grid,
+    resample_to_source,
     write_itk_transform,
 )
 
@@ -105,4 +109,52 @@ class RegisterT1w(SimpleInterface):
         ))
         self._results["out_transform"] = str(transform)
         self._results["out_report"] = str(write_json(record, f"{stem}_registration.json"))
+        return runtime
+
+
+class _ResampleToSourceInputSpec(BaseInterfaceInputSpec):
+    in_file = File(
+        exists=True, mandatory=True,
+        desc="image on the model grid (e.g. a counterfactual): 3-D NIfTI, 1 mm LAS, "
+        "imaging.model_affine",
+    )
+    source_file = File(
+        exists=True, mandatory=True, desc="the T1w whose grid the output takes (shape, affine)"
+    )
+    transform = File(
+        exists=True, mandatory=True,
+        desc="ITK text transform MNI -> source world, as RegisterT1w / VAEEncode / "
+        "CounterfactualT1w write it (from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt)",
+    )
+    out_prefix = traits.Str(
+        "T1w_space-source", usedefault=True, desc="output file stem: <out_prefix>.nii.gz"
+    )
+
+
+class _ResampleToSourceOutputSpec(TraitedSpec):
+    out_file = File(
+        exists=True,
+        desc="in_file resampled (linear) onto the source's grid: float32, the source's shape "
+        "and affine, 0 outside the model grid",
+    )
+
+
+class ResampleToSource(SimpleInterface):
+    """Put a model-grid image back onto the source T1w's grid with the inverse of its
+    registration (:func:`brain_ldm_nodes.registration.resample_to_source`)."""
+
+    input_spec = _ResampleToSourceInputSpec
+    output_spec = _ResampleToSourceOutputSpec
+
+    def _run_interface(self, runtime):
+        source = load_t1w(self.inputs.source_file)
+        grid_image = load_t1w(self.inputs.in_file)
+        result = resample_to_source(
+            grid_image, read_itk_transform(self.inputs.transform), source
+        )
+        out = Path(runtime.cwd) / f"{self.inputs.out_prefix}.nii.gz"
+        self._results["out_file"] = str(save_t1w(
+            np.asarray(result.dataobj), out, affine=source.affine,
+            description="Brain LDM output resampled onto the source T1w grid",
+        ))
         return runtime

@@ -5,7 +5,7 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces import CounterfactualT1w
+from ..interfaces import CounterfactualT1w, ResampleToSource
 from .synthesis import FULL_SIZE_MEM_GB
 
 
@@ -15,6 +15,7 @@ def init_counterfactual_wf(
     revision: str | None = None,
     num_inference_steps: int = 50,
     t1w_space: str = "native",
+    to_source: bool = False,
     mem_gb: float = FULL_SIZE_MEM_GB,
     name: str = "counterfactual_wf",
 ):
@@ -44,6 +45,10 @@ def init_counterfactual_wf(
         MNI152 2009 space (fMRIPrep); ``"model-grid"`` uses it as stored (LAS, 1 mm, sizes
         multiples of 32 for the released model, ~[0, 1]); ``"conform"`` reorients and
         centre-crops without registration.
+    to_source
+        Also resample the counterfactual back onto the input T1w's own grid with the inverse
+        of the registration (``ResampleToSource``; output ``counterfactual_source``). Needs
+        ``t1w_space`` ``"native"`` or ``"MNI"``.
     mem_gb
         Memory the counterfactual node needs, for MultiProc scheduling (GB); about that of one
         sample at the full grid on CPU, far less for small test models.
@@ -75,7 +80,15 @@ def init_counterfactual_wf(
     transform
         ITK transform file MNI152 → source world (``t1w_space`` ``"native"``/``"MNI"``; else
         undefined): resample the counterfactual back onto the source with it.
+    counterfactual_source
+        With ``to_source=True``: the counterfactual on the input T1w's grid (float32, the
+        source's shape and affine, 0 outside the model grid).
     """
+    if to_source and t1w_space not in ("native", "MNI"):
+        raise ValueError(
+            f"to_source=True needs t1w_space 'native' or 'MNI' (a registration to invert), "
+            f"got {t1w_space!r}"
+        )
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["t1w", "conditioning_from", "conditioning_to"]),
@@ -84,6 +97,7 @@ def init_counterfactual_wf(
     outputnode = pe.Node(
         niu.IdentityInterface(
             fields=["counterfactual", "reconstruction", "noise", "sidecar", "transform"]
+            + (["counterfactual_source"] if to_source else [])
         ),
         name="outputnode",
     )
@@ -109,5 +123,14 @@ def init_counterfactual_wf(
     ])
     if t1w_space in ("native", "MNI"):
         workflow.connect([(counterfactual, outputnode, [("out_transform", "transform")])])
+    if to_source:
+        back = pe.Node(ResampleToSource(out_prefix="counterfactual_T1w_space-source"),
+                       name="resample_to_source")
+        workflow.connect([
+            (inputnode, back, [("t1w", "source_file")]),
+            (counterfactual, back, [("out_file", "in_file"),
+                                    ("out_transform", "transform")]),
+            (back, outputnode, [("out_file", "counterfactual_source")]),
+        ])
     # fmt: on
     return workflow
