@@ -1244,7 +1244,10 @@ def write_dataset_files(
         atomic_write(readme, lambda handle: handle.write(text.encode("utf-8")))
     ignore = folder / ".bidsignore"
     lines = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
-    wanted = f"/{GROUP_DIR_NAME}"  # anchored at the root; bids-validator-deno matches it
-    if wanted not in (line.strip() for line in lines):
-        text = "\n".join([*lines, wanted]) + "\n"
+    # /group: anchored at the root (bids-validator-deno matches it); *_xfm.txt: registration
+    # transforms (fMRIPrep's naming; not yet in the BIDS schema).
+    present = {line.strip() for line in lines}
+    missing = [w for w in (f"/{GROUP_DIR_NAME}", "*_xfm.txt") if w not in present]
+    if missing:
+        text = "\n".join([*lines, *missing]) + "\n"
         atomic_write(ignore, lambda handle: handle.write(text.encode("utf-8")))

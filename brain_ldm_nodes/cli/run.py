@@ -549,6 +549,7 @@ def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
     workflow = init_brain_ldm_bids_wf(
         requests=requests, conditioning_files=conditioning_files, output_dir=output_dir,
         revision=args.revision, mem_gb=_node_mem_gb(identity.image_shape),
+        t1w_space=getattr(args, "t1w_space", "native"),
     )
     workflow.base_dir = str(work)
     workflow.config["execution"].update({

@@ -14,7 +14,8 @@ from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
 from ..derivatives import CounterfactualRequest, ImageRequest
-from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, SampleT1w
+from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, PublishFile, SampleT1w
+from ..registration import TEMPLATE_NAME
 from .synthesis import FULL_SIZE_MEM_GB
 
 
@@ -25,6 +26,7 @@ def init_brain_ldm_bids_wf(
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
     mem_gb: float = FULL_SIZE_MEM_GB,
+    t1w_space: str = "native",
     name: str = "brain_ldm_bids_wf",
 ) -> pe.Workflow:
     """Sample the images of ``requests`` and publish them into ``output_dir``.
@@ -55,6 +57,10 @@ def init_brain_ldm_bids_wf(
         Hub revision of the model (ignored for bundle folders).
     mem_gb
         Memory one sampling node needs (GB), for MultiProc's scheduling.
+    t1w_space
+        Where the real T1w images of counterfactual requests are
+        (``CounterfactualSeriesT1w.t1w_space``): ``"native"`` registers them to MNI152 and
+        publishes the transform beside them, ``"MNI"`` only resamples, ``"conform"`` neither.
     name
         Workflow name.
     """
@@ -71,6 +77,7 @@ def init_brain_ldm_bids_wf(
             output_dir=output_dir,
             revision=revision,
             mem_gb=mem_gb,
+            t1w_space=t1w_space,
             name=f"single_subject_{label}_wf",
         )
         workflow.add_nodes([subject_wf])
@@ -84,6 +91,7 @@ def init_single_subject_wf(
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
     mem_gb: float = FULL_SIZE_MEM_GB,
+    t1w_space: str = "native",
     name: str = "single_subject_wf",
 ) -> pe.Workflow:
     """The images of one participant: ``sample_t1w_<n>`` (:class:`SampleT1w`) then
@@ -158,19 +166,33 @@ def init_single_subject_wf(
                 model=first.model.model,
                 model_checksum=first.model.checksum,
                 out_prefixes=[r.stem for r in members],
-                # Not yet registered to MNI in the BIDS App (issue 14, BIDS App part pending).
-                t1w_space="conform",
+                t1w_space=t1w_space,
             ),
             name=f"counterfactual_{_node_name(source_group)}",
             mem_gb=mem_gb,
         )
         if revision is not None:
             counterfactual.inputs.revision = revision
+        transform = None
+        if t1w_space in ("native", "MNI"):
+            # <source entities>_from-T1w_to-<template>_mode-image_xfm.txt beside the images.
+            transform = (Path(first.source_relative).parent
+                         / f"{first.source_group}_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt")
+            publish_xfm = pe.Node(
+                PublishFile(out_file=str(root / transform)),
+                name=f"ds_xfm_{_node_name(source_group)}",
+                overwrite=True, run_without_submitting=True, n_procs=0, mem_gb=0.0,
+            )
+            workflow.connect([(counterfactual, publish_xfm, [("out_transform", "in_file")])])
         for index, request in enumerate(members):
             publish = pe.Node(
                 PublishDerivative(
                     out_file=str(root / request.relative_path),
-                    metadata=request.extra_metadata(),
+                    metadata={
+                        **request.extra_metadata(),
+                        **({} if transform is None else
+                           {"RegistrationTransform": f"bids::{transform.as_posix()}"}),
+                    },
                 ),
                 name=f"ds_{_node_name(request.stem)}",
                 overwrite=True,
