@@ -571,14 +571,23 @@ def register_t1w(
     for shift in candidates:
         probe, _ = make_method(shift)
         probe.SetMetricFixedMask(coarse_mask)
-        ranked.append((probe.MetricEvaluate(coarse_fixed, coarse_moving), tuple(shift)))
+        try:
+            value = probe.MetricEvaluate(coarse_fixed, coarse_moving)
+        except RuntimeError:  # ITK: too few samples overlap the source at this start
+            value = np.inf
+        ranked.append((value, tuple(float(v) for v in shift)))
     ranked.sort()
 
     attempts: list[dict[str, Any]] = []
     best: Registration | None = None
     for _, shift in ranked:
         method, final = make_method(np.asarray(shift))
-        method.Execute(fixed, moving)
+        try:
+            method.Execute(fixed, moving)
+        except RuntimeError as exc:  # ITK: e.g. all samples left the source's field of view
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else repr(exc)
+            attempts.append({"initial_shift_mm": list(shift), "error": reason})
+            continue
         transform = _LPS @ _sitk_transform_matrix(final) @ _LPS
         try:
             result = resample_to_model_grid(
@@ -601,10 +610,12 @@ def register_t1w(
 
     if best is None or (min_ncc is not None and not best.ncc >= min_ncc):
         ncc = None if best is None else best.ncc
+        found = "no result" if ncc is None else f"normalised cross-correlation {ncc:.3f}"
+        gate = "" if min_ncc is None or ncc is None else f" < {min_ncc:g}"
         raise RegistrationError(
-            "rigid registration to the MNI152 template failed: normalised cross-correlation "
-            f"{'n/a' if ncc is None else f'{ncc:.3f}'} < {min_ncc:g} after {len(attempts)} "
-            "starting positions (not a T1w head image, or too far from upright)",
+            f"rigid registration to the MNI152 template failed: {found}{gate} after "
+            f"{len(attempts)} starting positions (not a T1w head image, or too far from "
+            "upright)",
             ncc=ncc,
         )
 

@@ -297,3 +297,11 @@ def test_bids_app_counterfactual_registers_a_real_t1w_and_publishes_the_transfor
     assert preparation["template"]["name"] == "MNI152NLin2009aSym"
     assert preparation["ncc_with_template"] > 0.5
     assert validator_errors(out) == []
+    # The space is part of what the voxels depend on: another --t1w-space redoes the image.
+    again = app(dataset, out, "participant", "--model", tiny_model, "--num-inference-steps",
+                STEPS, "--participant-label", "01", "--counterfactual", "age=+10",
+                "--t1w-space", "conform")
+    assert again.code == 0, again.err
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-counterfactual_T1w.json").read_text())
+    assert sidecar["Preparation"]["t1w_space"] == "conform"
+    assert "RegistrationTransform" not in sidecar

@@ -403,7 +403,8 @@ def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list
     if args.counterfactual is not None:
         sources = {p.label: find_t1w_images(layout, p.label) for p in table.usable}
         return plan_counterfactuals(table, sources, bids_dir=args.bids_dir, edits=edits,
-                                    sweeps=sweeps, num_inference_steps=steps, model=identity)
+                                    sweeps=sweeps, num_inference_steps=steps, model=identity,
+                                    t1w_space=args.t1w_space)
     requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
                            num_inference_steps=steps, model=identity)
     swept, notes = plan_sweeps(table, sweeps, base_seed=args.seed, num_inference_steps=steps,
@@ -549,7 +550,6 @@ def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
     workflow = init_brain_ldm_bids_wf(
         requests=requests, conditioning_files=conditioning_files, output_dir=output_dir,
         revision=args.revision, mem_gb=_node_mem_gb(identity.image_shape),
-        t1w_space=getattr(args, "t1w_space", "native"),
     )
     workflow.base_dir = str(work)
     workflow.config["execution"].update({

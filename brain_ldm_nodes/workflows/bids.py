@@ -26,7 +26,6 @@ def init_brain_ldm_bids_wf(
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
     mem_gb: float = FULL_SIZE_MEM_GB,
-    t1w_space: str = "native",
     name: str = "brain_ldm_bids_wf",
 ) -> pe.Workflow:
     """Sample the images of ``requests`` and publish them into ``output_dir``.
@@ -57,10 +56,6 @@ def init_brain_ldm_bids_wf(
         Hub revision of the model (ignored for bundle folders).
     mem_gb
         Memory one sampling node needs (GB), for MultiProc's scheduling.
-    t1w_space
-        Where the real T1w images of counterfactual requests are
-        (``CounterfactualSeriesT1w.t1w_space``): ``"native"`` registers them to MNI152 and
-        publishes the transform beside them, ``"MNI"`` only resamples, ``"conform"`` neither.
     name
         Workflow name.
     """
@@ -77,7 +72,6 @@ def init_brain_ldm_bids_wf(
             output_dir=output_dir,
             revision=revision,
             mem_gb=mem_gb,
-            t1w_space=t1w_space,
             name=f"single_subject_{label}_wf",
         )
         workflow.add_nodes([subject_wf])
@@ -91,7 +85,6 @@ def init_single_subject_wf(
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
     mem_gb: float = FULL_SIZE_MEM_GB,
-    t1w_space: str = "native",
     name: str = "single_subject_wf",
 ) -> pe.Workflow:
     """The images of one participant: ``sample_t1w_<n>`` (:class:`SampleT1w`) then
@@ -108,7 +101,10 @@ def init_single_subject_wf(
     as ``_``). Counterfactual requests of one real T1w share one
     ``counterfactual_<source entities>`` node (:class:`CounterfactualSeriesT1w`: one
     inversion, one forward pass per image), each image with its own ``ds_<stem>``; the
-    sidecar's ``Sources`` becomes the ``bids:raw:`` URI of the source.
+    sidecar's ``Sources`` becomes the ``bids:raw:`` URI of the source. With the requests'
+    ``t1w_space`` ``"native"`` (register to MNI152) or ``"MNI"``, ``ds_xfm_<source entities>``
+    publishes the transform as ``<source entities>_from-T1w_to-MNI152NLin2009aSym_mode-image
+    _xfm.txt`` beside the images, and their sidecars name it (``RegistrationTransform``).
     """
     workflow = pe.Workflow(name=name)
     labels = {request.label for request in requests}
@@ -166,7 +162,7 @@ def init_single_subject_wf(
                 model=first.model.model,
                 model_checksum=first.model.checksum,
                 out_prefixes=[r.stem for r in members],
-                t1w_space=t1w_space,
+                t1w_space=first.t1w_space,
             ),
             name=f"counterfactual_{_node_name(source_group)}",
             mem_gb=mem_gb,
@@ -174,7 +170,7 @@ def init_single_subject_wf(
         if revision is not None:
             counterfactual.inputs.revision = revision
         transform = None
-        if t1w_space in ("native", "MNI"):
+        if first.t1w_space in ("native", "MNI"):
             # <source entities>_from-T1w_to-<template>_mode-image_xfm.txt beside the images.
             transform = (Path(first.source_relative).parent
                          / f"{first.source_group}_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt")
