@@ -24,8 +24,8 @@ Spaces and the one transform (all world coordinates are NIfTI RAS+ millimetres):
 (ITK's convention for a registration with the template as the fixed image: the transform that
 resamples the source into template space). :func:`write_itk_transform` writes it, converted to
 ITK's LPS coordinates, as an ITK ``AffineTransform_double_3_3`` text file: the file BIDS names
-``..._from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt`` and that ``antsApplyTransforms``,
-SimpleITK and NiTransforms read with the same meaning.
+``..._from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt``, read with the same meaning by
+SimpleITK (tested) and, by the same ITK convention, ``antsApplyTransforms``.
 
 Registration uses SimpleITK (ITK's v4 registration framework): Mattes mutual information
 restricted to a dilated template brain mask (so skull, neck and face in the source do not
@@ -374,8 +374,9 @@ def resample_to_model_grid(
 
     ``transform`` (4 x 4, RAS+ mm) maps MNI points to the image's world points; ``None`` means
     identity, i.e. the image is already in MNI152 space (e.g. fMRIPrep's
-    ``space-MNI152NLin2009cAsym`` T1w; 2009c asymmetric and 2009a symmetric share the ICBM
-    2009 MNI frame to within a few mm, which a rigid registration would not improve). Linear
+    ``space-MNI152NLin2009cAsym`` T1w: 2009c asymmetric and 2009a symmetric are both ICBM 2009
+    nonlinear templates in the same MNI frame; their residual differences, not measured here,
+    are local, not rigid). Linear
     interpolation, padding with the image minimum; then intensity scaling as in
     :func:`register_t1w`. The quality check applies too (``min_ncc=None`` disables it).
     """

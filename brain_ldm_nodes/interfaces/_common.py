@@ -1,4 +1,4 @@
-"""Traits and helpers shared by the interfaces (no logic of their own)."""
+"""Traits and helpers shared by the interfaces (the T1w preparation dispatch included)."""
 
 from __future__ import annotations
 
