@@ -6,7 +6,7 @@ Layout of ``output_dir`` (a BIDS derivative dataset)::
 
     dataset_description.json        DatasetType "derivative", GeneratedBy, SourceDatasets
     README.md                       what the dataset is (written once, never overwritten)
-    .bidsignore                     lists /group (the group report is not BIDS)
+    .bidsignore                     lists /group (the group report is not BIDS) and *_xfm.txt
     sub-<label>/anat/sub-<label>_desc-synthetic_T1w.nii.gz + .json           (--n-samples 1)
     sub-<label>/anat/sub-<label>_run-<n>_desc-synthetic_T1w.nii.gz + .json    (n = 1..N)
     sub-<label>/anat/sub-<label>_desc-syntheticSweep<Field><Value>_T1w.nii.gz    (--sweep)
@@ -524,6 +524,7 @@ COUNTERFACTUAL_IMAGE_KEYS: tuple[tuple[str, ...], ...] = (
     ("Model", "Source", "model", "weights_sha256"),
     ("Model", "Source", "vae", "weights_sha256"),
     ("Grid", "Shape"),
+    ("Preparation", "t1w_space"),
 )
 
 
@@ -541,7 +542,9 @@ class CounterfactualRequest:
     """One counterfactual of a participant's real T1w to have in ``output_dir``.
 
     ``source_relative`` is the T1w's path inside ``bids_dir`` (POSIX); ``edits`` the
-    ``--counterfactual`` edits (empty for a sweep point); ``target`` the resolved conditioning.
+    ``--counterfactual`` edits (empty for a sweep point); ``target`` the resolved conditioning;
+    ``t1w_space`` where the source is (``CounterfactualSeriesT1w.t1w_space``: ``"native"``
+    registers it to MNI152).
     """
 
     participant: Participant
@@ -556,6 +559,7 @@ class CounterfactualRequest:
     tsv_name: str = "participants.tsv"
     edits: tuple[EditValue, ...] = ()
     sweep: SweepPoint | None = None
+    t1w_space: str = "native"
 
     image_keys = property(lambda self: COUNTERFACTUAL_IMAGE_KEYS)
 
@@ -649,6 +653,7 @@ class CounterfactualRequest:
             ("Model", "Source", "model", "weights_sha256"): self.model.unet_sha256,
             ("Model", "Source", "vae", "weights_sha256"): self.model.vae_sha256,
             ("Grid", "Shape"): list(self.model.image_shape),
+            ("Preparation", "t1w_space"): self.t1w_space,
             ("Sources",): extras["Sources"],
             ("ConditioningFrom", "Derivation"): record(own),
             ("ConditioningTo", "Derivation"): record(self.target),
@@ -669,6 +674,7 @@ def plan_counterfactuals(
     sweeps: Sequence[Sweep],
     num_inference_steps: int,
     model: ModelIdentity,
+    t1w_space: str = "native",
 ) -> tuple[list[CounterfactualRequest], list[str]]:
     """Counterfactuals of every real T1w of every usable participant: one per source with
     ``edits`` (if any), and one per value of each sweep; with one-line notes on what is
@@ -719,7 +725,7 @@ def plan_counterfactuals(
                     source_sha256=digest, target=target,
                     num_inference_steps=num_inference_steps, model=model,
                     columns=dict(table.columns), policy=policy, tsv_name=table.tsv_path.name,
-                    edits=edit, sweep=point,
+                    edits=edit, sweep=point, t1w_space=t1w_space,
                 ))
     return requests, notes
 
@@ -1464,7 +1470,8 @@ def write_dataset_files(
     output_dir: Path, description: dict[str, Any], existing: Mapping[str, Any] | None
 ) -> None:
     """Write ``dataset_description.json`` (merged with ``existing``), ``README.md`` if missing,
-    and a ``.bidsignore`` that lists ``/group``; unchanged files are not rewritten."""
+    and a ``.bidsignore`` that lists ``/group`` and ``*_xfm.txt`` (registration transforms);
+    unchanged files are not rewritten."""
     folder = Path(output_dir)
     merged = _merged_description(existing, description)
     if existing != merged:
@@ -1475,7 +1482,10 @@ def write_dataset_files(
         atomic_write(readme, lambda handle: handle.write(text.encode("utf-8")))
     ignore = folder / ".bidsignore"
     lines = ignore.read_text(encoding="utf-8").splitlines() if ignore.exists() else []
-    wanted = f"/{GROUP_DIR_NAME}"  # anchored at the root; bids-validator-deno matches it
-    if wanted not in (line.strip() for line in lines):
-        text = "\n".join([*lines, wanted]) + "\n"
+    # /group: anchored at the root (bids-validator-deno matches it); *_xfm.txt: registration
+    # transforms (fMRIPrep's naming; not yet in the BIDS schema).
+    present = {line.strip() for line in lines}
+    missing = [w for w in (f"/{GROUP_DIR_NAME}", "*_xfm.txt") if w not in present]
+    if missing:
+        text = "\n".join([*lines, *missing]) + "\n"
         atomic_write(ignore, lambda handle: handle.write(text.encode("utf-8")))

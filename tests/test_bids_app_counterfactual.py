@@ -51,8 +51,10 @@ def app_environment(tmp_path_factory):
 
 
 def participant(dataset: Path, out: Path, model: Path, *extra: object):
+    # The example T1w images are 16^3 toys, not heads: conformed, not registered to MNI
+    # (registration in the App: test_bids_app_counterfactual_registers_a_real_t1w below).
     return app(dataset, out, "participant", "--model", model, "--num-inference-steps", STEPS,
-               *extra)
+               "--t1w-space", "conform", *extra)
 
 
 def derivative(source: str, desc: str) -> str:
@@ -248,7 +250,8 @@ def test_counterfactual_on_the_real_size_grid_with_a_tiny_weight_model(tmp_path)
     dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
     out = tmp_path / "out"
     done = app(dataset, out, "participant", "--model", bundle, "--num-inference-steps", 1,
-               "--participant-label", "03", "--counterfactual", "age=-20")
+               "--participant-label", "03", "--counterfactual", "age=-20",
+               "--t1w-space", "conform")
     assert done.code == 0, done.err
     image = nib.load(out / "sub-03" / "anat" / "sub-03_desc-counterfactual_T1w.nii.gz")
     assert image.shape == (160, 224, 160)
@@ -298,3 +301,46 @@ def test_a_source_that_cannot_be_read_is_left_out_with_a_note(tmp_path):
     assert requests == []
     assert notes == ["sub-02/anat/sub-02_run-9_T1w.nii.gz: cannot read it (No such file or "
                      "directory); no counterfactual of it (existing ones are left as they are)"]
+
+
+def test_bids_app_counterfactual_registers_a_real_t1w_and_publishes_the_transform(
+    tmp_path, tiny_model
+):
+    """The default --t1w-space native: a head-like T1w (the MNI152 template moved by a known
+    rigid motion, LPS, 1.2 mm) is registered; the transform is published beside the image with
+    fMRIPrep's naming, recovers the motion, and the sidecar records the registration."""
+    from brain_ldm_nodes.registration import read_itk_transform
+    from registration_support import grid_affine, moved_image, rigid, transform_errors
+    from brain_ldm_nodes.registration import load_template
+
+    dataset = copy_dataset("ds-minimal", tmp_path / "ds")
+    motion = rigid((6, -4, 8), (8, -10, 6))
+    shape = (150, 180, 160)
+    moved = moved_image(load_template()[0], motion, shape,
+                        grid_affine(shape, (1.2, 1, 1), "LPS", 8))
+    source = dataset / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
+    nib.save(nib.Nifti1Image(np.asarray(moved.dataobj).astype(np.int16), moved.affine), source)
+    out = tmp_path / "out"
+    done = app(dataset, out, "participant", "--model", tiny_model, "--num-inference-steps",
+               STEPS, "--participant-label", "01", "--counterfactual", "age=+10")
+    assert done.code == 0, done.err
+    xfm = out / "sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt"
+    rms_mm, angle_deg = transform_errors(read_itk_transform(xfm), motion)
+    assert rms_mm < 1.0 and angle_deg < 1.0
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-counterfactual_T1w.json").read_text())
+    assert sidecar["RegistrationTransform"] == (
+        "bids::sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt")
+    preparation = sidecar["Preparation"]
+    assert preparation["t1w_space"] == "native"
+    assert preparation["library"].startswith("SimpleITK")
+    assert preparation["template"]["name"] == "MNI152NLin2009aSym"
+    assert preparation["ncc_with_template"] > 0.5
+    assert validator_errors(out) == []
+    # The space is part of what the voxels depend on: another --t1w-space redoes the image.
+    again = app(dataset, out, "participant", "--model", tiny_model, "--num-inference-steps",
+                STEPS, "--participant-label", "01", "--counterfactual", "age=+10",
+                "--t1w-space", "conform")
+    assert again.code == 0, again.err
+    sidecar = json.loads((out / "sub-01/anat/sub-01_desc-counterfactual_T1w.json").read_text())
+    assert sidecar["Preparation"]["t1w_space"] == "conform"
+    assert "RegistrationTransform" not in sidecar

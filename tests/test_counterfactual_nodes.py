@@ -60,7 +60,7 @@ def test_counterfactual_node_equals_library_counterfactual_of_the_conformed_inpu
 ):
     outputs = run_node(
         CounterfactualT1w(in_file=str(t1w), conditioning_from=FROM, conditioning_to=TO,
-                          num_inference_steps=STEPS, model=tiny_model),
+                          num_inference_steps=STEPS, model=tiny_model, t1w_space="conform"),
         tmp_path,
     )
     expected = get_model(tiny_model).counterfactual(
@@ -88,7 +88,7 @@ def test_same_conditioning_from_files_gives_the_reconstruction_and_a_full_sideca
     outputs = run_node(
         CounterfactualT1w(in_file=str(t1w), conditioning_from_file=str(conditioning_file),
                           conditioning_to_file=str(conditioning_file),
-                          num_inference_steps=STEPS, model=tiny_model),
+                          num_inference_steps=STEPS, model=tiny_model, t1w_space="conform"),
         tmp_path,
     )
     edited, reconstruction = image_data(outputs.out_file), image_data(outputs.out_reconstruction)
@@ -121,7 +121,7 @@ def test_same_conditioning_from_files_gives_the_reconstruction_and_a_full_sideca
 def test_sidecar_records_both_conditionings_given_as_values(tmp_path, tiny_model, t1w):
     outputs = run_node(
         CounterfactualT1w(in_file=str(t1w), conditioning_from=FROM, conditioning_to=TO,
-                          num_inference_steps=STEPS, model=tiny_model),
+                          num_inference_steps=STEPS, model=tiny_model, t1w_space="conform"),
         tmp_path,
     )
     sidecar = json.loads(Path(outputs.out_sidecar).read_text())
@@ -134,7 +134,9 @@ def test_sidecar_records_both_conditionings_given_as_values(tmp_path, tiny_model
 def test_counterfactual_wf_runs_on_a_bids_example_t1w_with_the_linear_plugin(
     tmp_path, tiny_model
 ):
-    workflow = init_counterfactual_wf(model=tiny_model, num_inference_steps=STEPS, mem_gb=0.5)
+    workflow = init_counterfactual_wf(
+        model=tiny_model, num_inference_steps=STEPS, t1w_space="conform", mem_gb=0.5
+    )
     workflow.base_dir = str(tmp_path)
     workflow.inputs.inputnode.t1w = str(BIDS_T1W)
     workflow.inputs.inputnode.conditioning_from = FROM
@@ -170,13 +172,13 @@ def test_counterfactual_wf_runs_on_a_bids_example_t1w_with_the_linear_plugin(
 
 def test_workflow_passes_its_settings_to_the_node():
     workflow = init_counterfactual_wf(
-        model="some/repo", revision="v1", num_inference_steps=7, conform=False
+        model="some/repo", revision="v1", num_inference_steps=7, t1w_space="model-grid"
     )
     inputs = workflow.get_node("counterfactual_t1w").inputs
     assert (inputs.model, inputs.revision) == ("some/repo", "v1")
-    assert inputs.num_inference_steps == 7 and inputs.conform is False
+    assert inputs.num_inference_steps == 7 and inputs.t1w_space == "model-grid"
     assert set(workflow.get_node("outputnode").inputs.copyable_trait_names()) == {
-        "counterfactual", "reconstruction", "noise", "sidecar"
+        "counterfactual", "reconstruction", "noise", "sidecar", "transform"
     }
 
 

@@ -309,7 +309,9 @@ def oblique_t1w(tmp_path) -> Path:
 
 
 def test_vae_encode_node_conforms_and_equals_library_encode(tmp_path, tiny_model, oblique_t1w):
-    outputs = run_node(VAEEncode(in_file=str(oblique_t1w), model=tiny_model), tmp_path)
+    outputs = run_node(
+        VAEEncode(in_file=str(oblique_t1w), t1w_space="conform", model=tiny_model), tmp_path
+    )
     conformed, record = conform_t1w(load_t1w(oblique_t1w), shape=SHAPE)
     conformed_data = np.asarray(conformed.dataobj, dtype=np.float32)
     written = nib.load(outputs.out_conformed)
@@ -321,27 +323,35 @@ def test_vae_encode_node_conforms_and_equals_library_encode(tmp_path, tiny_model
     np.testing.assert_array_equal(load_latent(outputs.out_sigma), np.asarray(z_sigma)[0])
     assert outputs.out_latent == outputs.out_mu  # the deterministic latent is z_mu
     report = json.loads(Path(outputs.out_report).read_text())
-    assert report["Preparation"] == json.loads(json.dumps(record))
+    assert report["Preparation"] == json.loads(json.dumps({**record, "t1w_space": "conform"}))
     assert report["LatentShape"] == list(np.asarray(z_mu).shape[1:])
 
 
-def test_vae_encode_without_conform_uses_the_voxels_as_stored(tmp_path, tiny_model):
+def test_vae_encode_on_the_model_grid_uses_the_voxels_as_stored(tmp_path, tiny_model):
     data = np.random.default_rng(0).random(SHAPE, dtype=np.float32)
     las = tmp_path / "las.nii.gz"
     nib.save(nib.Nifti1Image(data, model_affine(SHAPE)), las)
-    outputs = run_node(VAEEncode(in_file=str(las), conform=False, model=tiny_model), tmp_path)
+    outputs = run_node(
+        VAEEncode(in_file=str(las), t1w_space="model-grid", model=tiny_model), tmp_path
+    )
     z_mu, _ = get_model(tiny_model).encode(data[None, None])
     np.testing.assert_array_equal(load_latent(outputs.out_latent), np.asarray(z_mu)[0])
     assert not isdefined(outputs.out_conformed)
 
 
-def test_vae_encode_without_conform_refuses_a_non_las_image(tmp_path, tiny_model, oblique_t1w):
-    with pytest.raises(Exception, match="conform=False needs an LAS image, got RAS"):
-        run_node(VAEEncode(in_file=str(oblique_t1w), conform=False, model=tiny_model), tmp_path)
+def test_vae_encode_on_the_model_grid_refuses_a_non_las_image(tmp_path, tiny_model, oblique_t1w):
+    with pytest.raises(Exception, match="t1w_space='model-grid' needs an LAS image, got RAS"):
+        run_node(
+            VAEEncode(in_file=str(oblique_t1w), t1w_space="model-grid", model=tiny_model),
+            tmp_path,
+        )
 
 
 def test_vae_decode_node_equals_library_decode_as_3d_float32_las(tmp_path, tiny_model, oblique_t1w):
-    encoded = run_node(VAEEncode(in_file=str(oblique_t1w), model=tiny_model), tmp_path, name="enc")
+    encoded = run_node(
+        VAEEncode(in_file=str(oblique_t1w), t1w_space="conform", model=tiny_model), tmp_path,
+        name="enc",
+    )
     outputs = run_node(
         VAEDecode(in_latent=encoded.out_latent, model=tiny_model), tmp_path, name="dec"
     )

@@ -145,7 +145,7 @@ def t1w(tmp_path) -> Path:
 def test_encode_decode_wf_reconstruction_equals_library_decode_of_encode(
     tmp_path, tiny_model, t1w, plugin
 ):
-    workflow = init_encode_decode_wf(model=tiny_model, mem_gb=0.5)
+    workflow = init_encode_decode_wf(model=tiny_model, t1w_space="conform", mem_gb=0.5)
     workflow.base_dir = str(tmp_path)
     workflow.inputs.inputnode.t1w = str(t1w)
     run(workflow, plugin)
@@ -163,10 +163,18 @@ def test_encode_decode_wf_reconstruction_equals_library_decode_of_encode(
     assert (folder / "vae_encode" / "conformed_T1w.nii.gz").exists()
 
 
-def test_encode_decode_wf_without_conform_has_no_conformed_output(tmp_path, tiny_model):
-    workflow = init_encode_decode_wf(model=tiny_model, conform=False, mem_gb=0.5)
-    assert "conformed" not in workflow.get_node("outputnode").inputs.copyable_trait_names()
-    assert workflow.get_node("vae_encode").inputs.conform is False
+def test_encode_decode_wf_on_the_model_grid_has_no_conformed_output(tmp_path, tiny_model):
+    workflow = init_encode_decode_wf(model=tiny_model, t1w_space="model-grid", mem_gb=0.5)
+    outputs = workflow.get_node("outputnode").inputs.copyable_trait_names()
+    assert "conformed" not in outputs and "transform" not in outputs
+    assert workflow.get_node("vae_encode").inputs.t1w_space == "model-grid"
+
+
+def test_encode_decode_wf_registers_by_default(tiny_model):
+    workflow = init_encode_decode_wf(model=tiny_model, mem_gb=0.5)
+    assert workflow.get_node("vae_encode").inputs.t1w_space == "native"
+    outputs = workflow.get_node("outputnode").inputs.copyable_trait_names()
+    assert {"conformed", "transform", "registration"} <= set(outputs)
 
 
 # --------------------------------------------------------------------------- example scripts
@@ -201,7 +209,7 @@ def test_example_scripts_synthesise_a_cohort_then_reconstruct_it(tmp_path, tiny_
 
     recon = tmp_path / "recon"
     done = script("reconstruct_t1w.py", "--model", tiny_model, "--out", str(recon),
-                  str(images[0]), cwd=tmp_path)
+                  str(images[0]), "--t1w-space", "conform", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     stem = "sub-01_seed-3"
     for suffix in ("desc-reconstruction_T1w.nii.gz", "desc-reconstruction_T1w.json",

@@ -2,12 +2,13 @@
 """Encode T1w images to the Brain LDM latent and decode them back, with ``init_encode_decode_wf``.
 
     python workflows/reconstruct_t1w.py --model PATH_OR_REPO --out DIR T1W [T1W ...] \
-        [--no-conform] [--nprocs 2]
+        [--t1w-space {native,MNI,model-grid,conform}] [--nprocs 2]
 
 For every input ``<stem>[_T1w].nii[.gz]`` writes into ``DIR``: ``<stem>_desc-reconstruction_T1w``
 (``.nii.gz`` + ``.json``), ``<stem>_desc-mu_latent.nii.gz`` and ``<stem>_desc-sigma_latent.nii.gz``
-(4-D, channels last), ``<stem>_desc-conformed_T1w.nii.gz`` (unless ``--no-conform``) and
-``<stem>_encode.json`` (how the input was conformed).
+(4-D, channels last), ``<stem>_desc-conformed_T1w.nii.gz`` (the input on the model grid, unless
+``--t1w-space model-grid``), ``<stem>_encode.json`` (how the input was prepared) and, when
+registered (the default), ``<stem>_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt``.
 """
 
 from __future__ import annotations
@@ -29,8 +30,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", required=True, help="brain_ldm.1 bundle folder or Hub repo id")
     parser.add_argument("--revision", help="Hub revision of --model")
     parser.add_argument("--out", type=Path, required=True, help="output folder")
-    parser.add_argument("--no-conform", dest="conform", action="store_false",
-                        help="inputs are already LAS, 1 mm, sizes multiples of 8, in [0, 1]")
+    parser.add_argument("--t1w-space", choices=["native", "MNI", "model-grid", "conform"],
+                        default="native",
+                        help="native: register rigidly to MNI152 (default); MNI: already in "
+                        "MNI152 2009 space (fMRIPrep), only resample; model-grid: already LAS, "
+                        "1 mm, sizes multiples of 8, in [0, 1]; conform: reorient and "
+                        "centre-crop without registration")
+    parser.add_argument("--no-conform", dest="t1w_space", action="store_const",
+                        const="model-grid", help="the same as --t1w-space model-grid")
     parser.add_argument("--nprocs", type=int, default=1,
                         help="parallel processes (MultiProc if > 1)")
     parser.add_argument("--mem-gb", type=float, default=12.0,
@@ -47,12 +54,13 @@ def build_workflow(args: argparse.Namespace) -> pe.Workflow:
     inputs = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputs")
     inputs.iterables = [("t1w", [str(path.resolve()) for path in args.t1w])]
     encode_decode_wf = init_encode_decode_wf(
-        model=args.model, revision=args.revision, conform=args.conform, mem_gb=args.mem_gb
+        model=args.model, revision=args.revision, t1w_space=args.t1w_space, mem_gb=args.mem_gb
     )
     sink = pe.Node(nio.DataSink(base_directory=str(args.out.resolve()), parameterization=False),
                    name="sink")
     outputs = ["reconstruction", "reconstruction_sidecar", "latent", "latent_sigma", "report"]
-    outputs += ["conformed"] if args.conform else []
+    outputs += [] if args.t1w_space == "model-grid" else ["conformed"]
+    outputs += ["transform"] if args.t1w_space in ("native", "MNI") else []
 
     # fmt: off
     workflow.connect([
@@ -79,6 +87,7 @@ def substitutions(t1w: str) -> list:
         ("latent_sigma", f"{stem}_desc-sigma_latent"),
         ("conformed_T1w", f"{stem}_desc-conformed_T1w"),
         ("encode_report", f"{stem}_encode"),
+        ("from-T1w_to-", f"{stem}_from-T1w_to-"),
     ]
 
 

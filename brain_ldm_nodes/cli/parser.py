@@ -260,6 +260,14 @@ def get_parser() -> argparse.ArgumentParser:
                             "desc-counterfactualSweep<Field><Value>); the other values stay the "
                             "participant's own. The group level draws one strip per sweep")
 
+    edits.add_argument("--t1w-space", choices=["native", "MNI", "conform"], default="native",
+                       help="where the real T1w images of --counterfactual are: native (default) "
+                            "= scanner space, registered rigidly to the MNI152 template onto the "
+                            "model grid, the transform published as <source>_from-T1w_to-"
+                            "MNI152NLin2009aSym_mode-image_xfm.txt; MNI = already in MNI152 2009 "
+                            "space (e.g. fMRIPrep space-MNI152NLin2009cAsym), only resampled; "
+                            "conform = reorient and centre-crop without registration (toy data)")
+
     execution = parser.add_argument_group("execution")
     execution.add_argument("-w", "--work-dir", type=Path,
                            help="Nipype working directory (default: "

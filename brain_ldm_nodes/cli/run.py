@@ -416,7 +416,8 @@ def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list
     if args.counterfactual is not None:
         sources = {p.label: find_t1w_images(layout, p.label) for p in table.usable}
         return plan_counterfactuals(table, sources, bids_dir=args.bids_dir, edits=edits,
-                                    sweeps=sweeps, num_inference_steps=steps, model=identity)
+                                    sweeps=sweeps, num_inference_steps=steps, model=identity,
+                                    t1w_space=args.t1w_space)
     requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
                            num_inference_steps=steps, model=identity)
     swept, notes = plan_sweeps(table, sweeps, base_seed=args.seed, num_inference_steps=steps,

@@ -8,7 +8,8 @@ Nipype (the top-level package does not).
 from .autoencoder import VAEDecode, VAEEncode
 from .conditioning import NormaliseDemographics
 from .counterfactual import CounterfactualSeriesT1w, CounterfactualT1w
-from .derivatives import PublishDerivative
+from .derivatives import PublishDerivative, PublishFile
+from .registration import RegisterT1w, ResampleToSource
 from .sampling import SampleT1w
 
 __all__ = [
@@ -16,6 +17,9 @@ __all__ = [
     "CounterfactualT1w",
     "NormaliseDemographics",
     "PublishDerivative",
+    "PublishFile",
+    "RegisterT1w",
+    "ResampleToSource",
     "SampleT1w",
     "VAEDecode",
     "VAEEncode",

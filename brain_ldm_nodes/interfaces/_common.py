@@ -1,8 +1,12 @@
-"""Traits and helpers shared by the interfaces (no logic of their own)."""
+"""Traits and helpers shared by the interfaces (the T1w preparation dispatch included)."""
 
 from __future__ import annotations
 
 import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from nipype.interfaces.base import File, isdefined, traits
 from traits.api import TraitError
@@ -82,3 +86,72 @@ def cached_model(inputs: object) -> BrainLDM:
                 "(the bundle changed after the workflow was built; build it again)"
             )
     return model
+
+
+# --------------------------------------------------------------------------- T1w preparation
+
+T1W_SPACES: tuple[str, ...] = ("native", "MNI", "model-grid", "conform")
+"""Values of the ``t1w_space`` input: where the T1w given to a node is."""
+
+
+def t1w_space_trait() -> traits.Enum:
+    return traits.Enum(
+        *T1W_SPACES, usedefault=True,
+        desc="where the input T1w is. 'native' (default): the scanner's space; it is rigidly "
+        "registered to the MNI152 template and resampled onto the model grid "
+        "(brain_ldm_nodes.registration.register_t1w). 'MNI': already in MNI152 2009 space "
+        "(e.g. fMRIPrep's space-MNI152NLin2009cAsym desc-preproc T1w): resampled onto the grid "
+        "without registration. 'model-grid': already on the model grid (LAS, 1 mm, sizes "
+        "multiples of the model's factor, ~[0, 1]); used as stored. 'conform': no registration, "
+        "only reorient/resample/centre-crop (brain_ldm_nodes.imaging.conform_t1w; for images "
+        "already centred and upright, and for tests)",
+    )
+
+
+def prepare_t1w(
+    in_file: str, t1w_space: str, model: BrainLDM, multiple: int, cwd: Path
+) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
+    """The T1w in ``in_file`` as model input: ``(data (D, H, W) float32, record, files)``.
+
+    ``files`` maps output names to files written in ``cwd``: ``out_conformed`` (the input on
+    the model grid, unless ``t1w_space == 'model-grid'``) and, when registered, ``out_transform``
+    (ITK text transform, MNI -> source world) and ``out_registration`` (the record as JSON).
+    Raises :class:`brain_ldm_nodes.registration.RegistrationError` for a failed registration.
+    """
+    from ..imaging import conform_t1w, load_t1w, save_t1w, write_json
+    from ..registration import (
+        TEMPLATE_NAME,
+        register_t1w,
+        resample_to_model_grid,
+        write_itk_transform,
+    )
+    from .autoencoder import as_is_encoder_input
+
+    image = load_t1w(in_file)
+    files: dict[str, str] = {}
+    if t1w_space == "model-grid":
+        data, record = as_is_encoder_input(image, multiple)
+        return data, {**record, "t1w_space": t1w_space}, files
+    if t1w_space == "conform":
+        grid_image, record = conform_t1w(image, shape=model.image_shape)
+        record["t1w_space"] = t1w_space
+    else:
+        try:
+            result = (register_t1w if t1w_space == "native" else resample_to_model_grid)(
+                image, shape=model.image_shape
+            )
+        except ValueError as exc:
+            raise type(exc)(f"{in_file}: {exc}") from exc
+        grid_image, record = result.image, dict(result.record)
+        transform = write_itk_transform(
+            result.transform, cwd / f"from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt"
+        )
+        files["out_transform"] = str(transform)
+        record["transform_file"] = transform.name
+        record["t1w_space"] = t1w_space
+        files["out_registration"] = str(write_json(record, cwd / "registration.json"))
+    data = np.asarray(grid_image.dataobj, dtype=np.float32)
+    files["out_conformed"] = str(
+        save_t1w(data, cwd / "conformed_T1w.nii.gz", description="Brain LDM T1w on model grid")
+    )
+    return data, record, files

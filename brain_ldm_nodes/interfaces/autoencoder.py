@@ -16,23 +16,23 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..imaging import (
-    MODEL_ORIENTATION,
-    conform_t1w,
-    load_latent,
-    load_t1w,
-    save_latent,
-    save_t1w,
-    write_json,
-)
+from ..imaging import MODEL_ORIENTATION, load_latent, save_latent, save_t1w, write_json
 from ..provenance import decode_sidecar, encode_report
-from ._common import InputImage, cached_model, model_checksum_trait, model_trait, revision_trait
+from ._common import (
+    InputImage,
+    cached_model,
+    model_checksum_trait,
+    model_trait,
+    prepare_t1w,
+    revision_trait,
+    t1w_space_trait,
+)
 
 
 def as_is_encoder_input(
     img: nib.spatialimages.SpatialImage, multiple: int
 ) -> tuple[np.ndarray, dict[str, Any]]:
-    """Voxels of an image already on a model-style grid, for ``conform=False``; and a record.
+    """Voxels of an image already on a model-style grid (``t1w_space='model-grid'``); a record.
 
     Requires LAS orientation, 1 mm voxels and sizes that are multiples of ``multiple`` (the
     autoencoder's factor, 8 for the released model); intensities are used as stored (the model
@@ -41,18 +41,20 @@ def as_is_encoder_input(
     shape = tuple(int(n) for n in img.shape)
     orientation = "".join(nib.aff2axcodes(img.affine))
     zooms = [float(z) for z in voxel_sizes(img.affine)]
-    hint = "; use conform=True to conform it onto the model grid"
+    hint = "; use t1w_space='native' to register it onto the model grid"
     if orientation != "".join(MODEL_ORIENTATION):
-        raise ValueError(f"conform=False needs an LAS image, got {orientation}{hint}")
+        raise ValueError(f"t1w_space='model-grid' needs an LAS image, got {orientation}{hint}")
     if not np.allclose(zooms, 1.0, atol=1e-3):
-        raise ValueError(f"conform=False needs 1 mm voxels, got {zooms} mm{hint}")
+        raise ValueError(f"t1w_space='model-grid' needs 1 mm voxels, got {zooms} mm{hint}")
     if any(size % multiple for size in shape):
         raise ValueError(
-            f"conform=False needs sizes that are multiples of {multiple}, got {shape}{hint}"
+            f"t1w_space='model-grid' needs sizes that are multiples of {multiple}, got "
+            f"{shape}{hint}"
         )
     data = np.asarray(img.dataobj, dtype=np.float32)
     record = {
-        "method": "none (conform=False): voxels used as stored, no resampling or scaling",
+        "method": "none (t1w_space='model-grid'): voxels used as stored, no resampling or "
+        "scaling",
         "source_shape": list(shape),
         "source_zooms_mm": zooms,
         "source_orientation": orientation,
@@ -66,15 +68,9 @@ class _VAEEncodeInputSpec(BaseInterfaceInputSpec):
     in_file = InputImage(
         exists=True, mandatory=True,
         desc="T1-weighted NIfTI, 3-D (or 4-D with one volume); any orientation and voxel size "
-        "when conform=True",
+        "unless t1w_space='model-grid'",
     )
-    conform = traits.Bool(
-        True, usedefault=True,
-        desc="True: rigidly conform onto the model's native grid (reorient to LAS, linear "
-        "resampling to 1 mm, centre crop/pad, min-max scaling to [0, 1]; not registration to "
-        "MNI). False: use the voxels as stored, which must be LAS, 1 mm, with sizes multiples "
-        "of the autoencoder's factor (8 for the released model) and intensities ~[0, 1]",
-    )
+    t1w_space = t1w_space_trait()
     model = model_trait()
     revision = revision_trait()
     model_checksum = model_checksum_trait()
@@ -92,7 +88,16 @@ class _VAEEncodeOutputSpec(TraitedSpec):
     )
     out_conformed = File(
         exists=True,
-        desc="the conformed input (conform=True only): 3-D float32 NIfTI in [0, 1], 1 mm LAS",
+        desc="the input on the model grid (registered, or conformed; not for t1w_space="
+        "'model-grid'): 3-D float32 NIfTI in [0, 1], 1 mm LAS",
+    )
+    out_transform = File(
+        exists=True,
+        desc="ITK text transform (MNI152 -> source world; BIDS from-T1w_to-MNI152NLin2009aSym"
+        "_mode-image_xfm) when t1w_space is 'native' or 'MNI'",
+    )
+    out_registration = File(
+        exists=True, desc="JSON record of the registration (method, template, quality)"
     )
     out_report = File(exists=True, desc="JSON: how the input was prepared, latent shape, model")
 
@@ -106,15 +111,11 @@ class VAEEncode(SimpleInterface):
     def _run_interface(self, runtime):
         model = cached_model(self.inputs)
         cwd = Path(runtime.cwd)
-        image = load_t1w(self.inputs.in_file)
-        if self.inputs.conform:
-            conformed, preparation = conform_t1w(image, shape=model.image_shape)
-            data = np.asarray(conformed.dataobj, dtype=np.float32)
-            self._results["out_conformed"] = str(
-                save_t1w(data, cwd / "conformed_T1w.nii.gz", description="Brain LDM conformed T1w")
-            )
-        else:
-            data, preparation = as_is_encoder_input(image, model.vae.config.downsampling_factor)
+        data, preparation, files = prepare_t1w(
+            self.inputs.in_file, self.inputs.t1w_space, model,
+            model.vae.config.downsampling_factor, cwd,
+        )
+        self._results.update(files)
         z_mu, z_sigma = (np.asarray(z[0]) for z in model.encode(data[None, None]))
         self._results["out_mu"] = str(save_latent(z_mu, cwd / "latent_mu.nii.gz"))
         self._results["out_sigma"] = str(save_latent(z_sigma, cwd / "latent_sigma.nii.gz"))

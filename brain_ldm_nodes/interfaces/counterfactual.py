@@ -16,10 +16,17 @@ from nipype.interfaces.base import (
 )
 
 from ..demographics import Conditioning
-from ..imaging import conform_t1w, load_t1w, save_latent, save_t1w, write_json
+from ..imaging import save_latent, save_t1w, write_json
 from ..provenance import counterfactual_sidecar, read_conditioning, reconstruction_error
-from ._common import InputImage, cached_model, model_checksum_trait, model_trait, revision_trait
-from .autoencoder import as_is_encoder_input
+from ._common import (
+    InputImage,
+    cached_model,
+    model_checksum_trait,
+    model_trait,
+    prepare_t1w,
+    revision_trait,
+    t1w_space_trait,
+)
 
 _FROM_XOR = ["conditioning_from", "conditioning_from_file"]  # exactly one of them
 _TO_XOR = ["conditioning_to", "conditioning_to_file"]  # exactly one of them
@@ -37,15 +44,10 @@ class _CounterfactualT1wInputSpec(BaseInterfaceInputSpec):
     in_file = InputImage(
         exists=True, mandatory=True,
         desc="the subject's real T1-weighted NIfTI, 3-D (or 4-D with one volume); any "
-        "orientation and voxel size when conform=True",
+        "orientation and voxel size unless t1w_space='model-grid' (then LAS, 1 mm, sizes "
+        "multiples of the model's image_multiple, 32 for the released model, ~[0, 1])",
     )
-    conform = traits.Bool(
-        True, usedefault=True,
-        desc="True: rigidly conform onto the model's native grid (reorient to LAS, linear "
-        "resampling to 1 mm, centre crop/pad, min-max scaling to [0, 1]; not registration to "
-        "MNI). False: use the voxels as stored, which must be LAS, 1 mm, with sizes multiples "
-        "of the model's image_multiple (32 for the released model) and intensities ~[0, 1]",
-    )
+    t1w_space = t1w_space_trait()
     conditioning_from = traits.List(
         traits.Float, minlen=4, maxlen=4, mandatory=True, xor=_FROM_XOR,
         desc=f"the subject's own conditioning, used for the inversion: {_VALUES_DESC}",
@@ -97,6 +99,15 @@ class _CounterfactualT1wOutputSpec(TraitedSpec):
         desc="JSON sidecar: source image and its preparation, both conditionings, DDIM "
         "settings, reconstruction error, model source and sha256, software versions, grid",
     )
+    out_conformed = File(
+        exists=True,
+        desc="the input on the model grid (registered or conformed) that was encoded",
+    )
+    out_transform = File(
+        exists=True,
+        desc="ITK text transform MNI152 -> source world (t1w_space 'native' or 'MNI')",
+    )
+    out_registration = File(exists=True, desc="JSON record of the registration")
 
 
 def _conditioning(values: object, path: object) -> Conditioning:
@@ -108,11 +119,12 @@ def _conditioning(values: object, path: object) -> Conditioning:
 class CounterfactualT1w(SimpleInterface):
     """Counterfactual of a real T1w under other demographics (``BrainLDM.counterfactual``).
 
-    Encodes the (conformed) image to z_mu, inverts the DDIM trajectory (eta = 0) under
-    ``conditioning_from`` to its starting noise, and samples forward from that noise under
-    ``conditioning_to`` (the counterfactual) and under ``conditioning_from`` (the
-    reconstruction, whose distance from the input the sidecar records). Deterministic:
-    the same inputs reproduce the outputs bitwise.
+    Registers the image onto the model grid (``t1w_space``), encodes it to z_mu, inverts the
+    DDIM trajectory (eta = 0) under ``conditioning_from`` to its starting noise, and samples
+    forward from that noise under ``conditioning_to`` (the counterfactual) and under
+    ``conditioning_from`` (the reconstruction, whose distance from the input the sidecar
+    records). Given the input on the grid, deterministic: the same grid image reproduces the
+    outputs bitwise (ITK's threaded registration may differ in the last digits between runs).
     """
 
     input_spec = _CounterfactualT1wInputSpec
@@ -126,12 +138,11 @@ class CounterfactualT1w(SimpleInterface):
             self.inputs.conditioning_to, self.inputs.conditioning_to_file
         )
         model = cached_model(self.inputs)
-        image = load_t1w(self.inputs.in_file)
-        if self.inputs.conform:
-            conformed, preparation = conform_t1w(image, shape=model.image_shape)
-            data = np.asarray(conformed.dataobj, dtype=np.float32)
-        else:
-            data, preparation = as_is_encoder_input(image, model.image_multiple)
+        data, preparation, files = prepare_t1w(
+            self.inputs.in_file, self.inputs.t1w_space, model, model.image_multiple,
+            Path(runtime.cwd),
+        )
+        self._results.update(files)
         steps = self.inputs.num_inference_steps
         result = model.counterfactual(
             data[None, None],
@@ -167,7 +178,7 @@ class CounterfactualT1w(SimpleInterface):
 
 class _CounterfactualSeriesT1wInputSpec(BaseInterfaceInputSpec):
     in_file = _CounterfactualT1wInputSpec.class_traits()["in_file"]
-    conform = _CounterfactualT1wInputSpec.class_traits()["conform"]
+    t1w_space = t1w_space_trait()
     conditioning_from_file = File(
         exists=True, mandatory=True,
         desc=f"the subject's own conditioning, used for the inversion: {_FILE_DESC}",
@@ -201,6 +212,9 @@ class _CounterfactualSeriesT1wOutputSpec(TraitedSpec):
     )
     out_reconstruction = _CounterfactualT1wOutputSpec.class_traits()["out_reconstruction"]
     out_noise = _CounterfactualT1wOutputSpec.class_traits()["out_noise"]
+    out_conformed = _CounterfactualT1wOutputSpec.class_traits()["out_conformed"]
+    out_transform = _CounterfactualT1wOutputSpec.class_traits()["out_transform"]
+    out_registration = _CounterfactualT1wOutputSpec.class_traits()["out_registration"]
 
 
 class CounterfactualSeriesT1w(SimpleInterface):
@@ -227,12 +241,11 @@ class CounterfactualSeriesT1w(SimpleInterface):
         own = read_conditioning(self.inputs.conditioning_from_file)
         targets = [read_conditioning(path) for path in self.inputs.conditioning_to_files]
         model = cached_model(self.inputs)
-        image = load_t1w(self.inputs.in_file)
-        if self.inputs.conform:
-            conformed, preparation = conform_t1w(image, shape=model.image_shape)
-            data = np.asarray(conformed.dataobj, dtype=np.float32)
-        else:
-            data, preparation = as_is_encoder_input(image, model.image_multiple)
+        data, preparation, files = prepare_t1w(
+            self.inputs.in_file, self.inputs.t1w_space, model, model.image_multiple,
+            Path(runtime.cwd),
+        )
+        self._results.update(files)
         steps = self.inputs.num_inference_steps
         every, name = max(1, steps // 5), Path(self.inputs.in_file).name
 

@@ -12,6 +12,7 @@ from nipype.interfaces.base import (
 )
 
 from ..derivatives import publish_image
+from ..imaging import atomic_write
 
 
 class _PublishDerivativeInputSpec(BaseInterfaceInputSpec):
@@ -53,4 +54,33 @@ class PublishDerivative(SimpleInterface):
         )
         self._results["out_file"] = str(image)
         self._results["out_sidecar"] = str(sidecar)
+        return runtime
+
+
+class _PublishFileInputSpec(BaseInterfaceInputSpec):
+    in_file = File(exists=True, mandatory=True, desc="file to publish, copied byte for byte")
+    out_file = traits.Str(
+        mandatory=True, desc="absolute destination path; folders are created"
+    )
+
+
+class _PublishFileOutputSpec(TraitedSpec):
+    out_file = File(exists=True, desc="the published file (the out_file input)")
+
+
+class PublishFile(SimpleInterface):
+    """Copy one file (e.g. a registration transform) into a derivative dataset, atomically.
+
+    Run this node with ``overwrite=True``: it writes outside its working directory.
+    """
+
+    input_spec = _PublishFileInputSpec
+    output_spec = _PublishFileOutputSpec
+
+    def _run_interface(self, runtime):
+        from pathlib import Path
+
+        payload = Path(self.inputs.in_file).read_bytes()
+        target = atomic_write(self.inputs.out_file, lambda handle: handle.write(payload))
+        self._results["out_file"] = str(target)
         return runtime

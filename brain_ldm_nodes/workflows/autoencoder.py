@@ -13,7 +13,7 @@ def init_encode_decode_wf(
     *,
     model: str,
     revision: str | None = None,
-    conform: bool = True,
+    t1w_space: str = "native",
     mem_gb: float = FULL_SIZE_MEM_GB,
     name: str = "encode_decode_wf",
 ):
@@ -21,7 +21,7 @@ def init_encode_decode_wf(
 
     Workflow graph::
 
-        inputnode → vae_encode (conform + encode) → vae_decode → outputnode
+        inputnode → vae_encode (register to MNI152 + encode) → vae_decode → outputnode
 
     Parameters
     ----------
@@ -29,10 +29,12 @@ def init_encode_decode_wf(
         ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id.
     revision
         Hub branch, tag or commit of ``model`` (ignored for folders).
-    conform
-        Rigidly conform the input onto the model grid first (reorient to LAS, 1 mm, centre
-        crop/pad, min-max scale; not registration to MNI). ``False``: the input must already
-        be LAS, 1 mm, sizes multiples of 8, intensities ~[0, 1].
+    t1w_space
+        Where the input is (``VAEEncode.t1w_space``): ``"native"`` (default) registers it
+        rigidly to MNI152 onto the model grid (:func:`brain_ldm_nodes.registration.register_t1w`);
+        ``"MNI"`` only resamples an image already in MNI152 2009 space (fMRIPrep);
+        ``"model-grid"`` uses it as stored (LAS, 1 mm, sizes multiples of 8, ~[0, 1]);
+        ``"conform"`` reorients and centre-crops without registration.
     mem_gb
         Memory one encode or decode node needs, for MultiProc scheduling (GB).
     name
@@ -50,18 +52,24 @@ def init_encode_decode_wf(
     latent
         Deterministic latent z_mu (4-D NIfTI, channels last), and ``latent_sigma``, z_sigma.
     conformed
-        The conformed input (only when ``conform=True``).
+        The input on the model grid, as encoded (not for ``t1w_space="model-grid"``).
+    transform, registration
+        ITK transform file (MNI152 → source world) and the registration record (JSON), for
+        ``t1w_space`` ``"native"`` or ``"MNI"``.
     report
-        JSON of how the input was prepared (the conform record) and the model used.
+        JSON of how the input was prepared (the registration record) and the model used.
     """
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(niu.IdentityInterface(fields=["t1w"]), name="inputnode")
     out_fields = ["reconstruction", "reconstruction_sidecar", "latent", "latent_sigma", "report"]
+    prepared = [] if t1w_space == "model-grid" else ["conformed"]
+    registered = ["transform", "registration"] if t1w_space in ("native", "MNI") else []
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=out_fields + (["conformed"] if conform else [])),
-        name="outputnode",
+        niu.IdentityInterface(fields=out_fields + prepared + registered), name="outputnode"
     )
-    encode = pe.Node(VAEEncode(model=str(model), conform=conform), name="vae_encode", mem_gb=mem_gb)
+    encode = pe.Node(
+        VAEEncode(model=str(model), t1w_space=t1w_space), name="vae_encode", mem_gb=mem_gb
+    )
     decode = pe.Node(VAEDecode(model=str(model)), name="vae_decode", mem_gb=mem_gb)
     if revision is not None:
         encode.inputs.revision = decode.inputs.revision = revision
@@ -76,7 +84,10 @@ def init_encode_decode_wf(
         (decode, outputnode, [("out_file", "reconstruction"),
                               ("out_sidecar", "reconstruction_sidecar")]),
     ])
-    if conform:
+    if prepared:
         workflow.connect([(encode, outputnode, [("out_conformed", "conformed")])])
+    if registered:
+        workflow.connect([(encode, outputnode, [("out_transform", "transform"),
+                                                ("out_registration", "registration")])])
     # fmt: on
     return workflow

@@ -14,7 +14,8 @@ from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
 from ..derivatives import CounterfactualRequest, ImageRequest
-from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, SampleT1w
+from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, PublishFile, SampleT1w
+from ..registration import TEMPLATE_NAME
 from .synthesis import FULL_SIZE_MEM_GB
 
 
@@ -100,7 +101,10 @@ def init_single_subject_wf(
     as ``_``). Counterfactual requests of one real T1w share one
     ``counterfactual_<source entities>`` node (:class:`CounterfactualSeriesT1w`: one
     inversion, one forward pass per image), each image with its own ``ds_<stem>``; the
-    sidecar's ``Sources`` becomes the ``bids:raw:`` URI of the source.
+    sidecar's ``Sources`` becomes the ``bids:raw:`` URI of the source. With the requests'
+    ``t1w_space`` ``"native"`` (register to MNI152) or ``"MNI"``, ``ds_xfm_<source entities>``
+    publishes the transform as ``<source entities>_from-T1w_to-MNI152NLin2009aSym_mode-image
+    _xfm.txt`` beside the images, and their sidecars name it (``RegistrationTransform``).
     """
     workflow = pe.Workflow(name=name)
     labels = {request.label for request in requests}
@@ -158,17 +162,33 @@ def init_single_subject_wf(
                 model=first.model.model,
                 model_checksum=first.model.checksum,
                 out_prefixes=[r.stem for r in members],
+                t1w_space=first.t1w_space,
             ),
             name=f"counterfactual_{_node_name(source_group)}",
             mem_gb=mem_gb,
         )
         if revision is not None:
             counterfactual.inputs.revision = revision
+        transform = None
+        if first.t1w_space in ("native", "MNI"):
+            # <source entities>_from-T1w_to-<template>_mode-image_xfm.txt beside the images.
+            transform = (Path(first.source_relative).parent
+                         / f"{first.source_group}_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt")
+            publish_xfm = pe.Node(
+                PublishFile(out_file=str(root / transform)),
+                name=f"ds_xfm_{_node_name(source_group)}",
+                overwrite=True, run_without_submitting=True, n_procs=0, mem_gb=0.0,
+            )
+            workflow.connect([(counterfactual, publish_xfm, [("out_transform", "in_file")])])
         for index, request in enumerate(members):
             publish = pe.Node(
                 PublishDerivative(
                     out_file=str(root / request.relative_path),
-                    metadata=request.extra_metadata(),
+                    metadata={
+                        **request.extra_metadata(),
+                        **({} if transform is None else
+                           {"RegistrationTransform": f"bids::{transform.as_posix()}"}),
+                    },
                 ),
                 name=f"ds_{_node_name(request.stem)}",
                 overwrite=True,

@@ -5,7 +5,7 @@ from __future__ import annotations
 from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
-from ..interfaces import CounterfactualT1w
+from ..interfaces import CounterfactualT1w, ResampleToSource
 from .synthesis import FULL_SIZE_MEM_GB
 
 
@@ -14,7 +14,8 @@ def init_counterfactual_wf(
     model: str,
     revision: str | None = None,
     num_inference_steps: int = 50,
-    conform: bool = True,
+    t1w_space: str = "native",
+    to_source: bool = False,
     mem_gb: float = FULL_SIZE_MEM_GB,
     name: str = "counterfactual_wf",
 ):
@@ -27,7 +28,7 @@ def init_counterfactual_wf(
 
     Workflow graph::
 
-        inputnode → counterfactual_t1w (conform + encode + invert + denoise x2) → outputnode
+        inputnode → counterfactual_t1w (register + encode + invert + denoise x2) → outputnode
 
     Parameters
     ----------
@@ -38,10 +39,16 @@ def init_counterfactual_wf(
     num_inference_steps
         DDIM steps of both the inversion and the sampling (50 upstream); more steps give a
         smaller reconstruction error and take proportionally longer (three passes of steps).
-    conform
-        Rigidly conform the input onto the model grid first (reorient to LAS, 1 mm, centre
-        crop/pad, min-max scale; not registration to MNI). ``False``: the input must already
-        be LAS, 1 mm, sizes multiples of 32 for the released model, intensities ~[0, 1].
+    t1w_space
+        Where the input is (``CounterfactualT1w.t1w_space``): ``"native"`` (default) registers
+        it rigidly to MNI152 onto the model grid; ``"MNI"`` only resamples an image already in
+        MNI152 2009 space (fMRIPrep); ``"model-grid"`` uses it as stored (LAS, 1 mm, sizes
+        multiples of 32 for the released model, ~[0, 1]); ``"conform"`` reorients and
+        centre-crops without registration.
+    to_source
+        Also resample the counterfactual back onto the input T1w's own grid with the inverse
+        of the registration (``ResampleToSource``; output ``counterfactual_source``). Needs
+        ``t1w_space`` ``"native"`` or ``"MNI"``.
     mem_gb
         Memory the counterfactual node needs, for MultiProc scheduling (GB); about that of one
         sample at the full grid on CPU, far less for small test models.
@@ -67,21 +74,36 @@ def init_counterfactual_wf(
     noise
         The inverted starting noise (latent NIfTI, channels last).
     sidecar
-        JSON of the counterfactual: source image, both conditionings, DDIM settings,
+        JSON of the counterfactual: source image and its preparation (registration method,
+        template, transform file, quality), both conditionings, DDIM settings,
         reconstruction error, model, versions, grid.
+    transform
+        ITK transform file MNI152 → source world (``t1w_space`` ``"native"``/``"MNI"``; else
+        undefined): resample the counterfactual back onto the source with it.
+    counterfactual_source
+        With ``to_source=True``: the counterfactual on the input T1w's grid (float32, the
+        source's shape and affine, 0 outside the model grid).
     """
+    if to_source and t1w_space not in ("native", "MNI"):
+        raise ValueError(
+            f"to_source=True needs t1w_space 'native' or 'MNI' (a registration to invert), "
+            f"got {t1w_space!r}"
+        )
     workflow = pe.Workflow(name=name)
     inputnode = pe.Node(
         niu.IdentityInterface(fields=["t1w", "conditioning_from", "conditioning_to"]),
         name="inputnode",
     )
     outputnode = pe.Node(
-        niu.IdentityInterface(fields=["counterfactual", "reconstruction", "noise", "sidecar"]),
+        niu.IdentityInterface(
+            fields=["counterfactual", "reconstruction", "noise", "sidecar", "transform"]
+            + (["counterfactual_source"] if to_source else [])
+        ),
         name="outputnode",
     )
     counterfactual = pe.Node(
         CounterfactualT1w(
-            model=str(model), conform=conform, num_inference_steps=num_inference_steps
+            model=str(model), t1w_space=t1w_space, num_inference_steps=num_inference_steps
         ),
         name="counterfactual_t1w",
         mem_gb=mem_gb,
@@ -99,5 +121,16 @@ def init_counterfactual_wf(
                                       ("out_noise", "noise"),
                                       ("out_sidecar", "sidecar")]),
     ])
+    if t1w_space in ("native", "MNI"):
+        workflow.connect([(counterfactual, outputnode, [("out_transform", "transform")])])
+    if to_source:
+        back = pe.Node(ResampleToSource(out_prefix="counterfactual_T1w_space-source"),
+                       name="resample_to_source")
+        workflow.connect([
+            (inputnode, back, [("t1w", "source_file")]),
+            (counterfactual, back, [("out_file", "in_file"),
+                                    ("out_transform", "transform")]),
+            (back, outputnode, [("out_file", "counterfactual_source")]),
+        ])
     # fmt: on
     return workflow
