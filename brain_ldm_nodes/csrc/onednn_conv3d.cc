@@ -10,16 +10,19 @@
 // blocked (use the layout oneDNN prefers for the activations, nCdhw8c/16c, reordering the
 // plain input and output; otherwise channels-last, ndhwc).
 //
-// oneDNN primitives are built once per problem (shapes, stride, padding, layout) and cached;
-// the kernel is reordered into oneDNN's packed layout on each call unless its bytes equal
-// those packed last time for the same problem (a full 64-bit checksum, computed in parallel,
-// keys that cache: no pointer identity is trusted). Calls are serialised: each one uses all
-// of oneDNN's OpenMP threads (OMP_NUM_THREADS).
+// oneDNN primitives (convolution and the reorders around it) are built once per problem
+// (shapes, stride, padding, layout) and cached. On each call the kernel is reordered into
+// oneDNN's packed layout and the activations into its blocked layout, in three scratch buffers
+// shared by all problems (grown to the largest one, never one per problem: a U-Net's packed
+// kernels would otherwise double its 2.2 GB of weights). Calls are serialised: each uses all of
+// oneDNN's OpenMP threads (OMP_NUM_THREADS).
 
 #include <omp.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
+#include <new>
 #include <map>
 #include <memory>
 #include <mutex>
@@ -54,10 +57,33 @@ struct Plan {
   dnnl::memory::desc src_user, dst_user, weights_user, src_md, dst_md, weights_md, bias_md;
   bool reorder_src = false, reorder_dst = false;
   dnnl::reorder src_reorder, dst_reorder, weights_reorder;
-  dnnl::memory src_buffer, dst_buffer, weights_packed;
-  uint64_t weights_checksum = 0;
-  bool weights_valid = false;
 };
+
+// A grow-only 64-byte-aligned scratch buffer.
+class Scratch {
+ public:
+  void* get(size_t bytes) {
+    if (bytes > size_) {
+      std::free(data_);
+      data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      size_ = data_ ? bytes : 0;
+      if (!data_) throw std::bad_alloc();
+    }
+    return data_;
+  }
+  void release() {
+    std::free(data_);
+    data_ = nullptr;
+    size_ = 0;
+  }
+  ~Scratch() { std::free(data_); }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+Scratch scratch_src, scratch_dst, scratch_weights;
 
 dnnl::engine& engine() {
   static dnnl::engine instance(dnnl::engine::kind::cpu, 0);
@@ -103,42 +129,17 @@ std::unique_ptr<Plan> make_plan(const Problem& p) {
   plan->weights_md = pd.weights_desc();
   if (plan->src_md != plan->src_user) {
     plan->reorder_src = true;
-    plan->src_buffer = dnnl::memory(plan->src_md, engine());
     plan->src_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), plan->src_user, engine(),
                                                                     plan->src_md));
   }
   if (plan->dst_md != plan->dst_user) {
     plan->reorder_dst = true;
-    plan->dst_buffer = dnnl::memory(plan->dst_md, engine());
     plan->dst_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), plan->dst_md, engine(),
                                                                     plan->dst_user));
   }
-  plan->weights_packed = dnnl::memory(plan->weights_md, engine());
   plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), plan->weights_user,
                                                                       engine(), plan->weights_md));
   return plan;
-}
-
-// Order-dependent 64-bit checksum of a float32 buffer (position-weighted sums of its words in
-// 64 independent lanes, combined), parallel over OpenMP threads.
-uint64_t checksum(const float* data, int64_t count) {
-  const uint32_t* words = reinterpret_cast<const uint32_t*>(data);
-  constexpr int64_t kChunk = 1 << 16;
-  const int64_t chunks = (count + kChunk - 1) / kChunk;
-  uint64_t total = 0;
-#pragma omp parallel for reduction(+ : total) schedule(static)
-  for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t begin = c * kChunk, end = std::min(count, begin + kChunk);
-    uint64_t lanes[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    int64_t k = begin;
-    for (; k + 8 <= end; k += 8)
-      for (int l = 0; l < 8; ++l) lanes[l] = lanes[l] * 0x100000001b3ULL + words[k + l] + 1;
-    for (; k < end; ++k) lanes[0] = lanes[0] * 0x100000001b3ULL + words[k] + 1;
-    uint64_t mixed = 0xcbf29ce484222325ULL ^ static_cast<uint64_t>(c);
-    for (int l = 0; l < 8; ++l) mixed = (mixed ^ lanes[l]) * 0x9e3779b97f4a7c15ULL;
-    total += mixed * (2 * static_cast<uint64_t>(c) + 1);
-  }
-  return total ^ static_cast<uint64_t>(count);
 }
 
 int64_t leading(const ffi::Span<const int64_t> dims, size_t trailing) {
@@ -185,23 +186,19 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
     dnnl::memory dst_user(plan.dst_user, engine(), y->typed_data());
     dnnl::memory weights_user(plan.weights_user, engine(), const_cast<float*>(weight.typed_data()));
     dnnl::memory bias_mem(plan.bias_md, engine(), const_cast<float*>(bias.typed_data()));
-    const uint64_t sum = checksum(weight.typed_data(), p.o * p.i * p.kd * p.kh * p.kw);
-    if (!plan.weights_valid || sum != plan.weights_checksum) {
-      plan.weights_reorder.execute(stream, weights_user, plan.weights_packed);
-      plan.weights_checksum = sum;
-      plan.weights_valid = true;
-    }
+    dnnl::memory weights_packed(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
+    plan.weights_reorder.execute(stream, weights_user, weights_packed);
     dnnl::memory src = src_user, dst = dst_user;
     if (plan.reorder_src) {
-      plan.src_reorder.execute(stream, src_user, plan.src_buffer);
-      src = plan.src_buffer;
+      src = dnnl::memory(plan.src_md, engine(), scratch_src.get(plan.src_md.get_size()));
+      plan.src_reorder.execute(stream, src_user, src);
     }
-    if (plan.reorder_dst) dst = plan.dst_buffer;
+    if (plan.reorder_dst) dst = dnnl::memory(plan.dst_md, engine(), scratch_dst.get(plan.dst_md.get_size()));
     plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
-                               {DNNL_ARG_WEIGHTS, plan.weights_packed},
+                               {DNNL_ARG_WEIGHTS, weights_packed},
                                {DNNL_ARG_BIAS, bias_mem},
                                {DNNL_ARG_DST, dst}});
-    if (plan.reorder_dst) plan.dst_reorder.execute(stream, plan.dst_buffer, dst_user);
+    if (plan.reorder_dst) plan.dst_reorder.execute(stream, dst, dst_user);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv3d: ") + e.what());
@@ -231,6 +228,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
 
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
+
+// Frees the scratch buffers (they grow back on the next call), e.g. between sampling and decoding.
+extern "C" void brain_ldm_onednn_release_scratch() {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  scratch_src.release();
+  scratch_dst.release();
+  scratch_weights.release();
+}
 
 // Number of cached primitive plans (tests: the cache is keyed by problem, not by call).
 extern "C" int64_t brain_ldm_onednn_cached_plans() {

@@ -89,6 +89,14 @@ def threads() -> int:
     return 0 if library is None else int(library.brain_ldm_onednn_max_threads())
 
 
+def release_scratch() -> None:
+    """Free oneDNN's scratch buffers (reordered activations and kernel; they grow back on the
+    next call): between sampling and decoding, when memory is the limit."""
+    library = _library()
+    if library is not None:
+        library.brain_ldm_onednn_release_scratch()
+
+
 def cached_plans() -> int:
     """Primitives built so far (one per distinct problem: shapes, stride, padding, layout)."""
     library = _library()

@@ -140,7 +140,7 @@ class ResnetBlock(eqx.Module):
     def __call__(self, x: Volume, emb: Float[Array, " time_embed_dim"]) -> Volume:
         h = jax.nn.silu(self.norm1(x))
         if self.resample == "up":  # conv1(up(h)) in sub-pixel form: exact, 3.4× fewer multiplies
-            x, h = upsample_nearest(x), upsample_conv(h, self.conv1.weight, self.conv1.bias)
+            x, h = upsample_nearest(x), upsample_conv(h, self.conv1)
         elif self.resample == "down":
             x, h = avg_pool2(x), self.conv1(avg_pool2(h))
         else:
@@ -171,7 +171,7 @@ class ConvUpsample(eqx.Module):
         self.postconv = Conv3d(channels, channels, 3, key=key)
 
     def __call__(self, x: Volume, emb: Array) -> Volume:
-        return upsample_conv(x, self.postconv.weight, self.postconv.bias)
+        return upsample_conv(x, self.postconv)
 
 
 class Attention(eqx.Module):
