@@ -390,3 +390,31 @@ def test_numerics_configuration_is_static_and_validated():
     assert not hasattr(layers, "CONV_IMPLEMENTATION") and not hasattr(layers, "OPERAND_DTYPE")
     with pytest.raises(ValueError, match="unknown convolution implementation 'fast'"):
         layers.Numerics("fast")
+
+
+@pytest.mark.parametrize("how", ["extension absent", "switched off"])
+def test_package_works_on_xla_without_the_extension(how):
+    """Without the built extension (or with ``BRAIN_LDM_NODES_ONEDNN=0``) convolutions lower to
+    XLA and give the same numbers; an absent extension is reported in one line."""
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import jax, jax.numpy as jnp\n"
+        "from brain_ldm_nodes.models import layers, onednn\n"
+        + ("onednn._extension_path = lambda: None\n" if how == "extension absent" else "")
+        + "x = jax.random.normal(jax.random.key(0), (4, 5, 6, 3)); w = jax.random.normal(jax.random.key(1), (3, 4, 3, 3, 3))\n"
+        "hlo = jax.jit(lambda x: layers.conv3d(x, w)).lower(x).as_text()\n"
+        "assert onednn.TARGET not in hlo and not onednn.available()\n"
+        "print(float(jnp.abs(layers.conv3d(x, w)).sum()))\n"
+    )
+    env = {**os.environ, "BRAIN_LDM_NODES_ONEDNN": "1" if how == "extension absent" else "0"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    from brain_ldm_nodes.models import layers
+
+    x = jax.random.normal(jax.random.key(0), (4, 5, 6, 3))
+    w = jax.random.normal(jax.random.key(1), (3, 4, 3, 3, 3))
+    assert float(result.stdout) == pytest.approx(float(jnp.abs(layers.conv3d(x, w)).sum()), rel=1e-5)
+    notices = [line for line in result.stderr.splitlines() if "oneDNN extension" in line]
+    assert len(notices) == (1 if how == "extension absent" else 0), result.stderr
