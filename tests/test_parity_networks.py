@@ -317,6 +317,15 @@ def test_onednn_convolution_equals_xla_under_jit_and_vmap(kernel, stride, paddin
     nested = jax.jit(jax.vmap(jax.vmap(lambda x: onednn.conv3d(x, weight, bias, stride=stride, padding=padding))))
     assert relative_error(nested(jnp.stack([batch, batch[::-1]])),
                           jnp.stack([reference(batch), reference(batch[::-1])])) <= 4e-6
+    # one bias per example (the U-Net's conv1 bias + time embedding), with a batched or shared x
+    biases = jnp.stack([bias, -bias, 2 * bias])
+    per_bias = [layers.conv3d(x, weight, b, stride=stride, padding=padding, numerics=layers.Numerics("xla"))
+                for x, b in zip(batch, biases)]
+    fast_biased = jax.jit(jax.vmap(lambda x, b: onednn.conv3d(x, weight, b, stride=stride, padding=padding)))
+    assert relative_error(fast_biased(batch, biases), jnp.stack(per_bias)) <= 4e-6
+    shared_x = jax.jit(jax.vmap(lambda b: onednn.conv3d(x, weight, b, stride=stride, padding=padding)))
+    assert relative_error(shared_x(biases)[1], layers.conv3d(
+        x, weight, -bias, stride=stride, padding=padding, numerics=layers.Numerics("xla"))) <= 4e-6
 
 
 def test_onednn_rejects_a_batched_kernel():

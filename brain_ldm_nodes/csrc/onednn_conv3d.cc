@@ -4,7 +4,7 @@
 // the name "brain_ldm_onednn_conv3d", platform "cpu". Arguments, all float32 and row-major:
 //   x      (..., I, D, H, W)   or, with channels_last, (..., D, H, W, I); leading axes = the batch
 //   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch)
-//   bias   (..., O),             leading axes all of size 1
+//   bias   (..., O),             leading axes all of size 1, or one bias per example
 // Result: (..., O, D', H', W') (or channels-last), the same leading axes as x.
 // Attributes: stride (one for every axis), pad_{d,h,w}_{lo,hi} (zero padding before / after),
 // blocked (use the layout oneDNN prefers for the activations, nCdhw8c/16c, reordering the
@@ -155,11 +155,19 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
   const auto xd = x.dimensions(), wd = weight.dimensions(), bd = bias.dimensions();
   if (xd.size() < 4 || wd.size() < 5 || bd.size() < 1)
     return ffi::Error::InvalidArgument("onednn conv3d: x needs rank >= 4, weight >= 5, bias >= 1");
-  if (leading(wd, 5) != 1 || leading(bd, 1) != 1)
+  if (leading(wd, 5) != 1)
     return ffi::Error::InvalidArgument("onednn conv3d: one kernel per call (weights must not be batched)");
   const size_t r = xd.size();
   Problem p{};
-  p.n = leading(xd, 4);
+  // The batch is the result's leading axes; x and bias have either the same or size-1 ones
+  // (jax.vmap's "expand_dims" over only some arguments). A batched bias (one per example, e.g. a
+  // U-Net's conv bias plus its time embedding) or a shared x: one convolution per example.
+  const int64_t batch = leading(y->dimensions(), 4), inputs = leading(xd, 4), biases = leading(bd, 1);
+  if ((inputs != 1 && inputs != batch) || (biases != 1 && biases != batch))
+    return ffi::Error::InvalidArgument("onednn conv3d: x or bias batch differs from the result's");
+  const bool per_example = batch > 1 && (inputs != batch || biases != 1);
+  const int64_t examples = per_example ? batch : 1;
+  p.n = per_example ? 1 : batch;
   if (channels_last) {
     p.d = xd[r - 4], p.h = xd[r - 3], p.w = xd[r - 2], p.i = xd[r - 1];
   } else {
@@ -182,23 +190,28 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
     if (!slot) slot = make_plan(p);
     Plan& plan = *slot;
     dnnl::stream stream(engine());
-    dnnl::memory src_user(plan.src_user, engine(), const_cast<float*>(x.typed_data()));
-    dnnl::memory dst_user(plan.dst_user, engine(), y->typed_data());
     dnnl::memory weights_user(plan.weights_user, engine(), const_cast<float*>(weight.typed_data()));
-    dnnl::memory bias_mem(plan.bias_md, engine(), const_cast<float*>(bias.typed_data()));
     dnnl::memory weights_packed(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
     plan.weights_reorder.execute(stream, weights_user, weights_packed);
-    dnnl::memory src = src_user, dst = dst_user;
-    if (plan.reorder_src) {
-      src = dnnl::memory(plan.src_md, engine(), scratch_src.get(plan.src_md.get_size()));
-      plan.src_reorder.execute(stream, src_user, src);
+    const size_t src_step = plan.src_user.get_size() / sizeof(float);
+    const size_t dst_step = plan.dst_user.get_size() / sizeof(float);
+    for (int64_t e = 0; e < examples; ++e) {
+      const int64_t x_index = inputs == 1 ? 0 : e, bias_index = biases == 1 ? 0 : e;
+      dnnl::memory src_user(plan.src_user, engine(), const_cast<float*>(x.typed_data()) + x_index * src_step);
+      dnnl::memory dst_user(plan.dst_user, engine(), y->typed_data() + e * dst_step);
+      dnnl::memory bias_mem(plan.bias_md, engine(), const_cast<float*>(bias.typed_data()) + bias_index * p.o);
+      dnnl::memory src = src_user, dst = dst_user;
+      if (plan.reorder_src) {
+        src = dnnl::memory(plan.src_md, engine(), scratch_src.get(plan.src_md.get_size()));
+        plan.src_reorder.execute(stream, src_user, src);
+      }
+      if (plan.reorder_dst) dst = dnnl::memory(plan.dst_md, engine(), scratch_dst.get(plan.dst_md.get_size()));
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
+                                 {DNNL_ARG_WEIGHTS, weights_packed},
+                                 {DNNL_ARG_BIAS, bias_mem},
+                                 {DNNL_ARG_DST, dst}});
+      if (plan.reorder_dst) plan.dst_reorder.execute(stream, dst, dst_user);
     }
-    if (plan.reorder_dst) dst = dnnl::memory(plan.dst_md, engine(), scratch_dst.get(plan.dst_md.get_size()));
-    plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
-                               {DNNL_ARG_WEIGHTS, weights_packed},
-                               {DNNL_ARG_BIAS, bias_mem},
-                               {DNNL_ARG_DST, dst}});
-    if (plan.reorder_dst) plan.dst_reorder.execute(stream, dst, dst_user);
     stream.wait();
   } catch (const dnnl::error& e) {
     return ffi::Error::Internal(std::string("onednn conv3d: ") + e.what());

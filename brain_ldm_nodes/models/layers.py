@@ -343,17 +343,18 @@ def subpixel_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "8*ou
     return kernels.reshape((8 * weight.shape[0], weight.shape[1], 2, 2, 2))
 
 
-def upsample_conv(x: Volume, conv: Conv3d) -> Volume:
+def upsample_conv(x: Volume, conv: Conv3d, bias: Float[Array, " out"] | None = None) -> Volume:
     """``conv(upsample_nearest(x))`` for a 3×3×3 ``conv`` (zero padding 1) without materialising
     the upsampled input: one 2×2×2 convolution with 8× the output channels (bias fused), then
-    depth-to-space.
+    depth-to-space. ``bias`` replaces ``conv.bias`` when given.
 
     ``(C, D, H, W) -> (out, 2D, 2H, 2W)``.
     """
+    bias = conv.bias if bias is None else bias
     channels_out = conv.weight.shape[0]
     _, depth, height, width = x.shape
     # Window start i-1+a in x ⇔ index i+a of x padded by one voxel on each side.
-    per_parity = conv3d(x, subpixel_weights(conv.weight), jnp.tile(conv.bias, 8), padding=((1, 1),) * 3,
+    per_parity = conv3d(x, subpixel_weights(conv.weight), jnp.tile(bias, 8), padding=((1, 1),) * 3,
                         numerics=conv.numerics).reshape(2, 2, 2, channels_out, depth + 1, height + 1, width + 1)
     shifted = jnp.stack([
         per_parity[a, b, c, :, a:a + depth, b:b + height, c:c + width]
