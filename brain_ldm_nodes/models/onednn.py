@@ -8,9 +8,12 @@ fails to load, or ``BRAIN_LDM_NODES_ONEDNN=0``, :func:`available` is False, one 
 why (logger ``brain_ldm_nodes``), and :func:`~brain_ldm_nodes.models.layers.conv3d` stays on
 the pure-XLA path.
 
-Threads: oneDNN runs on GNU OpenMP with ``OMP_NUM_THREADS`` threads (default: all cores), XLA
-on its own pool of the same size; calls are serialised, so the two never compute at once.
-``omp_get_max_threads()`` of the loaded library is :func:`threads`.
+Threads: oneDNN runs on GNU OpenMP with ``OMP_NUM_THREADS`` threads (default: the CPUs this
+process may run on, as XLA's own pool), one convolution at a time (calls are serialised; the
+XLA thread that issued one waits for it). To limit both, restrict the process's CPU affinity
+(``taskset``, SLURM ``--cpus-per-task``); ``OMP_NUM_THREADS`` alone limits oneDNN only. With
+PyTorch imported first (the tests), PyTorch's ``libgomp`` serves oneDNN too: one OpenMP
+runtime per process. ``omp_get_max_threads()`` of the loaded library is :func:`threads`.
 """
 
 from __future__ import annotations
