@@ -25,9 +25,12 @@ ENV HF_HOME=/opt/huggingface \
     PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
-COPY pyproject.toml setup.cfg README.md /src/
+COPY pyproject.toml setup.cfg setup.py README.md /src/
 COPY brain_ldm_nodes /src/brain_ldm_nodes
-RUN pip install /src && rm -rf /src
+# g++ only to compile the oneDNN convolution extension (one file); libgomp1 stays (oneDNN's OpenMP).
+RUN apt-get update && apt-get install -y --no-install-recommends g++ libgomp1 \
+    && pip install /src && rm -rf /src \
+    && apt-get purge -y g++ && apt-get autoremove -y && rm -rf /var/lib/apt/lists/*
 
 # Optional: download the model bundle and its base into the image's Hugging Face cache.
 RUN if [ -n "$MODEL" ]; then \

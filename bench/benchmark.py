@@ -10,8 +10,10 @@ process so that its peak RSS is its own; each reports min/median over ``--repeat
 go to ``bench/results/benchmark.{json,md}`` (or ``--out``).
 
 Figures: U-Net step at the 20×28×20 latent, VAE decode to 160×224×160, a full sample
-(``--steps`` DDIM steps + decode), compile time, and ``from_pretrained`` from a warm cache.
-Needs the ``[test]`` extra.
+(``--steps`` DDIM steps + decode), compile time (with the oneDNN extension, the default, and
+without it: ``BRAIN_LDM_NODES_ONEDNN=0``), ``from_pretrained`` from a warm cache, and this CPU's
+measured float32 peak (a large matrix product, JAX and PyTorch). Needs the ``[test]`` extra.
+The per-convolution table is ``bench/conv_layouts.py``.
 
 Compile time is measured three times, each in a fresh process: without JAX's persistent
 compilation cache, with an empty cache (cold) and with the cache the cold run filled (warm).
@@ -72,6 +74,13 @@ def _monai_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict
 
     torch.set_grad_enabled(False)
     result: dict = {"threads": torch.get_num_threads()}
+    if figure == "peak":
+        n = 4096
+        a = torch.randn(n, n)
+        a @ a
+        result.update(_timed(lambda: a @ a, repeats))
+        result["gflops"] = 2 * n**3 / result["min_s"] / 1e9
+        return result
     vae = unet = None
     if figure in ("decode", "sample"):
         vae = AutoencoderKL(spatial_dims=3, in_channels=1, out_channels=1, channels=(64, 128, 128, 128),
@@ -141,7 +150,18 @@ def _jax_worker(figure, workdir, repeats, steps, latent, conditioning) -> dict:
     from brain_ldm_nodes.pipeline import _ddim_loop
     from brain_ldm_nodes.scheduler import ddim_tables
 
-    result: dict = {"jax": jax.__version__, "devices": str(jax.devices())}
+    from brain_ldm_nodes.models import onednn
+
+    result: dict = {"jax": jax.__version__, "devices": str(jax.devices()), "onednn": onednn.available(),
+                    "onednn_threads": onednn.threads()}
+    if figure == "peak":
+        n = 4096
+        a = jax.random.normal(jax.random.key(0), (n, n))
+        matmul = jax.jit(lambda a: a @ a)
+        matmul(a).block_until_ready()
+        result.update(_timed(lambda: matmul(a).block_until_ready(), repeats))
+        result["gflops"] = 2 * n**3 / result["min_s"] / 1e9
+        return result
     if figure == "decode":
         # The autoencoder alone, as MONAI's worker loads it: the peak RSS is the decoder's,
         # not that plus the U-Net's 2.2 GB of weights.
@@ -227,11 +247,12 @@ def prepare(workdir: Path) -> None:
                    check=True)
 
 
-def run_worker(impl: str, figure: str, args: argparse.Namespace) -> dict:
+def run_worker(impl: str, figure: str, args: argparse.Namespace, env: dict | None = None) -> dict:
     command = [sys.executable, __file__, "--worker", impl, figure, "--workdir", str(args.workdir),
                "--repeats", str(args.repeats), "--steps", str(args.steps)]
-    print(f"[bench] {impl:5s} {figure} …", flush=True)
-    output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
+    print(f"[bench] {impl:5s} {figure} {' '.join(f'{k}={v}' for k, v in (env or {}).items())}…", flush=True)
+    output = subprocess.run(command, check=True, capture_output=True, text=True,
+                            env={**os.environ, **(env or {})}).stdout
     return json.loads(output.strip().splitlines()[-1])
 
 
@@ -240,8 +261,8 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / "brain-ldm-bench")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--steps", type=int, default=50, help="DDIM steps of the full-sample figure")
-    parser.add_argument("--figures", default="unet,decode,sample,compile,load",
-                        help="comma-separated subset of unet,decode,sample,compile,load")
+    parser.add_argument("--figures", default="unet,decode,sample,compile,load,peak",
+                        help="comma-separated subset of unet,decode,sample,compile,load,peak")
     parser.add_argument("--out", type=Path, default=HERE / "results" / "benchmark")
     parser.add_argument("--worker", nargs=2, metavar=("IMPL", "FIGURE"), help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -261,19 +282,23 @@ def main() -> None:
                                           "ratio_median": ours["median_s"] / theirs["median_s"],
                                           "ratio_peak_rss": ours["peak_rss_gib"] / theirs["peak_rss_gib"]}
     if "compile" in figures:
-        cache = args.workdir / "jax-cache"
-        if cache.exists():
-            import shutil
+        import shutil
 
-            shutil.rmtree(cache)
-        runs = {"no_cache": run_worker("jax", "compile", args),
-                "cache_cold": run_worker("jax", "compile_cached", args),
-                "cache_warm": run_worker("jax", "compile_cached", args)}
-        results["figures"]["compile"] = {
-            f"{name}_{key}": run[key] for name, run in runs.items()
-            for key in ("first_call_s", "step_lower_s", "step_compile_s", "decode_compile_s",
-                        "decode_first_call_s")
-        }
+        for label, env in (("compile", {}), ("compile_xla", {"BRAIN_LDM_NODES_ONEDNN": "0"})):
+            cache = args.workdir / "jax-cache"
+            if cache.exists():
+                shutil.rmtree(cache)
+            runs = {"no_cache": run_worker("jax", "compile", args, env),
+                    "cache_cold": run_worker("jax", "compile_cached", args, env),
+                    "cache_warm": run_worker("jax", "compile_cached", args, env)}
+            results["figures"][label] = {
+                f"{name}_{key}": run[key] for name, run in runs.items()
+                for key in ("first_call_s", "step_lower_s", "step_compile_s", "decode_compile_s",
+                            "decode_first_call_s")
+            }
+    if "peak" in figures:
+        results["figures"]["peak"] = {"jax": run_worker("jax", "peak", args),
+                                      "monai": run_worker("monai", "peak", args)}
     if "load" in figures:
         results["figures"]["load"] = run_worker("jax", "load", args)
 
@@ -284,8 +309,13 @@ def main() -> None:
 
 
 def markdown(results: dict) -> str:
-    rows = ["| figure | ours (min / median) | MONAI (min / median) | ratio (median) | peak RSS ours / MONAI |",
-            "|---|---|---|---|---|"]
+    rows = ["| figure | ours (min / median) | MONAI (min / median) | ratio (median) | peak RSS ours / MONAI |"
+            " GFLOP/s ours / MONAI (fraction of the measured peak) |",
+            "|---|---|---|---|---|---|"]
+    peak = results["figures"].get("peak")
+    peak_gflops = max(peak["jax"]["gflops"], peak["monai"]["gflops"]) if peak else None
+    # multiply-adds ×2 of one U-Net step at 20×28×20 and of one decode to 160×224×160 (UPSTREAM.md §7)
+    tflop = {"unet": 1.45, "decode": 15.1, "sample": 1.45 * results["steps"] + 15.1}
     for name, label in (("unet", "U-Net step, 20×28×20 latent"), ("decode", "VAE decode → 160×224×160"),
                         ("sample", f"full sample ({results['steps']} steps + decode)")):
         figure = results["figures"].get(name)
@@ -293,21 +323,32 @@ def markdown(results: dict) -> str:
             ours, theirs = figure["jax"], figure["monai"]
             rows.append(f"| {label} | {ours['min_s']:.1f} / {ours['median_s']:.1f} s | "
                         f"{theirs['min_s']:.1f} / {theirs['median_s']:.1f} s | {figure['ratio_median']:.2f} | "
-                        f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} GiB |")
-    compile_ = results["figures"].get("compile")
-    if compile_:
+                        f"{ours['peak_rss_gib']:.1f} / {theirs['peak_rss_gib']:.1f} GiB | "
+                        + " / ".join(f"{tflop[name] * 1e3 / run['median_s']:.0f}" for run in (ours, theirs))
+                        + (f" ({tflop[name] * 1e3 / ours['median_s'] / peak_gflops:.0%} / "
+                           f"{tflop[name] * 1e3 / theirs['median_s'] / peak_gflops:.0%})" if peak_gflops else "")
+                        + " |")
+    for key_, suffix in (("compile", ""), ("compile_xla", " — XLA path (no oneDNN)")):
+        compile_ = results["figures"].get(key_)
+        if not compile_:
+            continue
+
         def triple(key: str) -> str:
             return " / ".join(f"{compile_[f'{name}_{key}']:.1f}" for name in ("no_cache", "cache_cold", "cache_warm"))
 
-        rows.append(f"| U-Net step first call (compile + run), no cache / cold cache / warm cache | "
-                    f"{triple('first_call_s')} s | | | |")
-        rows.append(f"| DDIM step compile alone (`lower` + `compile`), no cache / cold / warm | "
-                    f"{triple('step_lower_s')} + {triple('step_compile_s')} s | | | |")
-        rows.append(f"| decode compile alone (JAX compile events), no cache / cold / warm | "
-                    f"{triple('decode_compile_s')} s | | | |")
+        rows.append(f"| U-Net step first call (compile + run), no cache / cold cache / warm cache{suffix} | "
+                    f"{triple('first_call_s')} s | | | | |")
+        rows.append(f"| DDIM step compile alone (`lower` + `compile`), no cache / cold / warm{suffix} | "
+                    f"{triple('step_lower_s')} + {triple('step_compile_s')} s | | | | |")
+        rows.append(f"| decode compile alone (JAX compile events), no cache / cold / warm{suffix} | "
+                    f"{triple('decode_compile_s')} s | | | | |")
+    peak = results["figures"].get("peak")
+    if peak:
+        rows.append(f"| float32 peak, 4096² matrix product (JAX / PyTorch) | {peak['jax']['gflops']:.0f} GFLOP/s | "
+                    f"{peak['monai']['gflops']:.0f} GFLOP/s | | | |")
     load = results["figures"].get("load")
     if load:
-        rows.append(f"| `from_pretrained`, warm cache | {load['min_s']:.1f} / {load['median_s']:.1f} s | | | |")
+        rows.append(f"| `from_pretrained`, warm cache | {load['min_s']:.1f} / {load['median_s']:.1f} s | | | | |")
     return "\n".join(rows) + "\n"
 
 

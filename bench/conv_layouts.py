@@ -2,11 +2,15 @@
 """Micro-benchmark of the ways :func:`brain_ldm_nodes.models.layers.conv3d` can evaluate a
 3-D convolution, on the shapes the Brain LDM's networks use (float32, one example).
 
-    python bench/conv_layouts.py --repeats 5 [--implementations xla,planes,matmul,winograd]
+    python bench/conv_layouts.py --repeats 5 [--implementations xla,auto,onednn,onednn-cl,torch]
 
 For each shape every implementation is compiled first, then timed in interleaved rounds
 (A, B, C, A, B, C, …) so that load from other processes hits all alike; the minimum over the
-rounds is reported, with GFLOP/s (2·O·I·k³ per output voxel) and the error against ``xla``.
+rounds is reported, with GFLOP/s (2·O·I·k³ per output voxel) and the error against the first.
+Implementations: the :class:`~brain_ldm_nodes.models.layers.Numerics` names (``auto`` is the
+default: oneDNN when built), ``onednn-blocked`` / ``onednn-cl`` (oneDNN with its blocked
+or the channels-last activation layout, whatever the size), and ``torch`` (PyTorch's
+``conv3d``, oneDNN underneath; imported before our extension so one OpenMP runtime serves both).
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from brain_ldm_nodes.models import layers
+from brain_ldm_nodes.models import layers, onednn
 
 # (in, out, kernel, D, H, W, label)
 SHAPES = [
@@ -33,16 +38,43 @@ SHAPES = [
     (128, 64, 3, 10, 224, 160, "decoder full resolution, 8-row slab + halo"),
     (64, 64, 3, 10, 224, 160, "decoder full resolution, 8-row slab + halo"),
     (128, 1024, 2, 6, 113, 81, "sub-pixel upsample to full resolution, 4-row slab"),
+    (768, 6144, 2, 6, 8, 6, "U-Net up0 sub-pixel upsampler"),
 ]
+
+
+def _function(name: str, pad, k: int):
+    """``(x, weight, bias) -> out`` for one implementation (compiled where it is JAX)."""
+    if name == "torch":
+        import torch
+
+        tensors: dict = {}
+
+        def run(x, weight, bias):
+            if not tensors:  # converted once per shape (copies: torch wants writable arrays)
+                tensors.update(x=torch.tensor(np.asarray(x))[None], weight=torch.tensor(np.asarray(weight)),
+                               bias=torch.tensor(np.asarray(bias)))
+            return torch.nn.functional.conv3d(tensors["x"], tensors["weight"], tensors["bias"], padding=pad[0][0])
+
+        return run
+    if name.startswith("onednn-"):
+        blocked = name == "onednn-blocked"
+        return jax.jit(lambda x, w, b: onednn.conv3d(x, w, b, stride=1, padding=pad, blocked=blocked))
+    numerics = layers.Numerics(name)
+    return jax.jit(lambda x, w, b: layers.conv3d(x, w, b, padding=pad, numerics=numerics))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--implementations", default="xla,planes,matmul,winograd")
+    parser.add_argument("--implementations", default="xla,auto,onednn-blocked,onednn-cl,torch")
     parser.add_argument("--only", default="", help="substring of the labels to run")
     args = parser.parse_args()
     names = args.implementations.split(",")
+    if "torch" in names:
+        import torch  # first: its libgomp then serves oneDNN's OpenMP calls too
+
+        torch.set_grad_enabled(False)
+    print(f"oneDNN extension: {'loaded' if onednn.available() else 'absent'}, {onednn.threads()} threads")
     print("| shape (I→O, k, D×H×W) | " + " | ".join(f"{n} ms (GFLOP/s)" for n in names) + " | max rel. error |")
     print("|---|" + "---|" * (len(names) + 1))
     for cin, cout, k, d, h, w, label in SHAPES:
@@ -52,27 +84,24 @@ def main() -> None:
         weight = jax.random.normal(jax.random.key(1), (cout, cin, k, k, k)) / (cin * k**3) ** 0.5
         bias = jnp.zeros((cout,))
         pad = ((k // 2, k // 2),) * 3 if k == 3 else ((1, 1),) * 3
-        compiled, errors = {}, {}
+        functions = {}
         for name in names:
             if name == "winograd" and k != 3:
                 continue
             if name == "matmul" and cin * k**3 * d * h * w > 4e8:
                 continue  # im2col columns > 1.6 GB
-            with layers.conv_implementation(name):
-                compiled[name] = jax.jit(lambda x, w, b: layers.conv3d(x, w, b, padding=pad)).lower(
-                    x, weight, bias).compile()
-        reference = compiled[names[0]](x, weight, bias)
-        times = {name: [] for name in compiled}
+            functions[name] = _function(name, pad, k)
+        outputs = {name: np.asarray(function(x, weight, bias)).reshape(-1) for name, function in functions.items()}
+        reference = outputs[names[0]]
+        errors = {name: float(np.abs(out - reference).max() / np.abs(reference).max()) for name, out in outputs.items()}
+        times = {name: [] for name in functions}
         for _ in range(args.repeats):
-            for name, function in compiled.items():
+            for name, function in functions.items():
                 start = time.perf_counter()
-                function(x, weight, bias).block_until_ready()
+                jax.block_until_ready(function(x, weight, bias))
                 times[name].append(time.perf_counter() - start)
-        out_voxels = reference.shape[1] * reference.shape[2] * reference.shape[3]
+        out_voxels = reference.size // cout
         flops = 2 * cout * cin * k**3 * out_voxels
-        for name, function in compiled.items():
-            out = function(x, weight, bias)
-            errors[name] = float(jnp.abs(out - reference).max() / jnp.abs(reference).max())
         cells = [f"{min(times[n]) * 1e3:.0f} ({flops / min(times[n]) / 1e9:.0f})" if n in times else "–"
                  for n in names]
         print(f"| {cin}→{cout}, {k}, {d}×{h}×{w} ({label}) | " + " | ".join(cells)

@@ -28,7 +28,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .demographics import CONDITIONING_ORDER  # order of the four values (UPSTREAM.md §1)
 from .models.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from .models.layers import operand_dtype
+from .models.layers import with_numerics
 from .models.streaming import decode_streaming, decode_streaming_layout_ok
 from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
 from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_inverse_step, ddim_step, ddim_tables
@@ -71,11 +71,12 @@ def _ddim_update(
     :func:`ddim_step` (x_t → x_{t_prev}) or, with ``invert``, :func:`ddim_inverse_step`.
     ``precision`` (static): operand dtype of the U-Net's convolutions and linear layers."""
 
+    unet = with_numerics(unet, operand_dtype=precision)
+
     def predict_noise(latent: Array, cond: Array) -> Array:
         return unet(_model_input(latent, cond), timestep, cond[None, :])
 
-    with operand_dtype(precision):
-        eps = jax.vmap(predict_noise)(latents, conditioning)
+    eps = jax.vmap(predict_noise)(latents, conditioning)
     update = ddim_inverse_step if invert else ddim_step
     return update(eps, alpha_prod, alpha_prod_prev, latents)
 

@@ -109,7 +109,7 @@ class Upsample(eqx.Module):
         self.postconv = Conv3d(channels, channels, 3, key=key)
 
     def __call__(self, x: Volume) -> Volume:
-        return upsample_conv(x, self.postconv.weight, self.postconv.bias)
+        return upsample_conv(x, self.postconv)
 
 
 Block = Conv3d | ResBlock | Downsample | Upsample | GroupNorm

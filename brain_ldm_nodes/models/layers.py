@@ -14,9 +14,10 @@ Conventions (all modules in :mod:`brain_ldm_nodes.models`):
 
 from __future__ import annotations
 
-import contextlib
+import copy
+import dataclasses
 import math
-from collections.abc import Iterator
+from typing import Any, TypeVar
 
 import equinox as eqx
 import jax
@@ -24,15 +25,66 @@ import jax.numpy as jnp
 from jax import lax
 from jaxtyping import Array, Float, PRNGKeyArray
 
+from . import onednn
+
 # float32 everywhere: accelerators would otherwise default to reduced-precision matmuls.
 PRECISION = lax.Precision.HIGHEST
 
 Volume = Float[Array, "channels depth height width"]
+T = TypeVar("T")
 
 
 def _uniform(key: PRNGKeyArray, shape: tuple[int, ...], fan_in: int) -> Array:
     bound = 1.0 / math.sqrt(fan_in)
     return jax.random.uniform(key, shape, jnp.float32, -bound, bound)
+
+
+@dataclasses.dataclass(frozen=True)
+class Numerics:
+    """How convolutions and linear layers compute: static configuration of :class:`Conv3d` and
+    :class:`Linear` (part of a network's tree structure, so compiled functions are keyed on it).
+
+    ``implementation``: one of :data:`CONV_IMPLEMENTATIONS`. ``"auto"`` (default): oneDNN on CPU
+    when the extension is loaded (:mod:`~brain_ldm_nodes.models.onednn`), else the fastest XLA
+    form per shape; ``"xla"``: one ``lax.conv_general_dilated`` (the reference); ``"onednn"``:
+    oneDNN wherever it can, ``"planes"``, ``"matmul"``, ``"winograd"``: the XLA forms below.
+    ``operand_dtype``: ``"float32"`` (default) or ``"bfloat16"`` (operands cast, products
+    accumulated in float32; XLA only). Change it on a whole network with :func:`with_numerics`.
+    """
+
+    implementation: str = "auto"
+    operand_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.implementation not in CONV_IMPLEMENTATIONS:
+            raise ValueError(f"unknown convolution implementation {self.implementation!r}; "
+                             f"one of {CONV_IMPLEMENTATIONS}")
+        if self.operand_dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"operand_dtype must be 'float32' or 'bfloat16', got {self.operand_dtype!r}")
+
+
+#: Implementations of :func:`conv3d` (see :class:`Numerics`).
+CONV_IMPLEMENTATIONS = ("auto", "xla", "onednn", "planes", "matmul", "winograd")
+DEFAULT_NUMERICS = Numerics()
+
+
+def with_numerics(tree: T, *, implementation: str | None = None, operand_dtype: str | None = None) -> T:
+    """A copy of ``tree`` (a network or any pytree of modules) whose :class:`Conv3d` and
+    :class:`Linear` layers compute with the given :class:`Numerics` fields changed (``None``:
+    keep); arrays are shared, not copied. Works on traced trees too (inside :func:`jax.jit`)."""
+    changes = {name: value for name, value in
+               (("implementation", implementation), ("operand_dtype", operand_dtype)) if value is not None}
+
+    def configure(node: Any) -> Any:
+        if isinstance(node, (Conv3d, Linear)):
+            numerics = dataclasses.replace(node.numerics, **changes)
+            if numerics != node.numerics:
+                node = copy.copy(node)
+                object.__setattr__(node, "numerics", numerics)  # a static field of a frozen module
+        return node
+
+    is_layer = lambda node: isinstance(node, (Conv3d, Linear))  # noqa: E731
+    return jax.tree_util.tree_map(configure, tree, is_leaf=is_layer)
 
 
 class Conv3d(eqx.Module):
@@ -46,6 +98,7 @@ class Conv3d(eqx.Module):
     bias: Float[Array, " out"]
     stride: int = eqx.field(static=True)
     padding: tuple[int, int] = eqx.field(static=True)
+    numerics: Numerics = eqx.field(static=True)
 
     def __init__(
         self,
@@ -55,6 +108,7 @@ class Conv3d(eqx.Module):
         *,
         stride: int = 1,
         padding: tuple[int, int] | None = None,
+        numerics: Numerics = DEFAULT_NUMERICS,
         key: PRNGKeyArray,
     ) -> None:
         weight_key, bias_key = jax.random.split(key)
@@ -64,30 +118,32 @@ class Conv3d(eqx.Module):
         self.stride = stride
         half = kernel_size // 2
         self.padding = (half, half) if padding is None else tuple(padding)
+        self.numerics = numerics
 
     def __call__(self, x: Volume) -> Volume:
-        return conv3d(x, self.weight, self.bias, stride=self.stride, padding=(self.padding,) * 3)
+        return conv3d(x, self.weight, self.bias, stride=self.stride, padding=(self.padding,) * 3,
+                      numerics=self.numerics)
 
 
 # -- how convolutions are evaluated ---------------------------------------------------------------
-# XLA:CPU evaluates a 3-D convolution with a generic kernel that reaches ≈ 40–110 GFLOP/s on the
-# decoder's and U-Net's shapes, while its 2-D convolutions (channels-last) and matrix products
-# reach ≈ 150–250 GFLOP/s on the same machine (bench/conv_layouts.py). So a k×k×k convolution is
-# written as k 2-D convolutions over the depth planes (batch = depth, NHWC/HWIO), summed; at the
-# U-Net's smallest levels (≤ 10×14×10 voxels, kernels up to 1536×768×27) the cost is reading the kernel,
-# and one matrix product against im2col columns, which reads the kernel in its stored layout,
-# is fastest. Every implementation is exact algebra; they differ by float32 summation order.
+# On CPU, with the extension built, oneDNN's direct convolution (an XLA FFI custom call, bias
+# fused: models/onednn.py) is the fastest on every 3×3×3 and 2×2×2 shape the networks use
+# (bench/conv_layouts.py: ≈ 1.5–3× XLA's best form, on par with PyTorch, which calls the same
+# library). Its activations are reordered inside the call into oneDNN's blocked layout
+# (nCdhw16c) for large volumes and into channels-last for small ones (≤ ONEDNN_BLOCKED_MIN_VOXELS),
+# where that was faster. 1×1×1 convolutions stay matrix products in XLA.
+# Without oneDNN (or off CPU): XLA:CPU's generic 3-D convolution reaches only ≈ 40–110 GFLOP/s
+# here while its 2-D convolutions (channels-last) and matrix products reach ≈ 150–250 GFLOP/s.
+# So a k×k×k convolution is written as k 2-D convolutions over the depth planes (batch = depth,
+# NHWC/HWIO), summed; at the U-Net's smallest levels (≤ 10×14×10 voxels, kernels up to
+# 1536×768×27) the cost is reading the kernel, and one matrix product against im2col columns,
+# which reads the kernel in its stored layout, is fastest. Every implementation is exact
+# algebra; they differ by float32 summation order.
 
-#: Implementations of :func:`conv3d`, chosen by :data:`CONV_IMPLEMENTATION` at trace time.
-CONV_IMPLEMENTATIONS = ("auto", "xla", "planes", "matmul", "winograd")
-#: ``"auto"`` (default): 1×1×1 as a matrix product, ``"matmul"`` for volumes of at most
-#: :data:`MATMUL_MAX_VOXELS` voxels and for wide kernels (see :data:`MATMUL_MAX_COLUMNS_BYTES`),
-#: ``"planes"`` otherwise. ``"xla"``: one
-#: ``lax.conv_general_dilated`` (the reference). ``"winograd"``: Winograd F(2,3)
-#: (:func:`conv3x3x3_winograd`) for 3×3×3, stride 1, padding 1, else as ``"auto"``.
-#: Read when a function is traced: change it with :func:`conv_implementation`.
-CONV_IMPLEMENTATION = "auto"
-#: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"``.
+#: Smallest output volume (voxels per example) that oneDNN computes in its blocked layout; smaller
+#: ones use channels-last (measured: 10×14×10 and below faster channels-last, 20×28×20 blocked).
+ONEDNN_BLOCKED_MIN_VOXELS = 4096
+#: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
 #: ``"auto"`` also uses the matrix product for kernels with ≥ 1024 output channels (the sub-pixel
 #: upsampling kernels: 2·O flops per column entry written, so the product dominates) while the
@@ -95,49 +151,10 @@ MATMUL_MAX_VOXELS = 2048
 MATMUL_MAX_COLUMNS_BYTES = 1 << 30
 
 
-#: dtype that convolution and linear-layer operands are cast to (products accumulate in float32);
-#: ``None``: float32 throughout (the default). Set by :func:`operand_dtype` while tracing.
-OPERAND_DTYPE: jnp.dtype | None = None
-
-
-@contextlib.contextmanager
-def operand_dtype(dtype: str | jnp.dtype | None) -> Iterator[None]:
-    """Trace the enclosed code with convolution and linear-layer operands (activations and
-    weights) cast to ``dtype`` (e.g. ``"bfloat16"``), products accumulated in float32;
-    normalisation, attention softmax and the DDIM update stay float32.
-
-    Does not clear JAX's caches: use it inside a function whose compilation key includes
-    ``dtype`` (the pipeline passes it as a static argument), or clear them yourself.
-    """
-    global OPERAND_DTYPE
-    previous = OPERAND_DTYPE
-    OPERAND_DTYPE = None if dtype is None or jnp.dtype(dtype) == jnp.float32 else jnp.dtype(dtype)
-    try:
-        yield
-    finally:
-        OPERAND_DTYPE = previous
-
-
-def _operands(*arrays: Array) -> tuple[Array, ...]:
-    return arrays if OPERAND_DTYPE is None else tuple(a.astype(OPERAND_DTYPE) for a in arrays)
-
-
-@contextlib.contextmanager
-def conv_implementation(name: str) -> Iterator[None]:
-    """Evaluate convolutions traced inside the ``with`` block by ``name`` (one of
-    :data:`CONV_IMPLEMENTATIONS`). JAX caches compiled functions without knowing this
-    setting, so the block clears JAX's caches on entry and exit (for tests and benchmarks)."""
-    global CONV_IMPLEMENTATION
-    if name not in CONV_IMPLEMENTATIONS:
-        raise ValueError(f"unknown convolution implementation {name!r}; one of {CONV_IMPLEMENTATIONS}")
-    previous = CONV_IMPLEMENTATION
-    jax.clear_caches()
-    CONV_IMPLEMENTATION = name
-    try:
-        yield
-    finally:
-        CONV_IMPLEMENTATION = previous
-        jax.clear_caches()
+def _operands(numerics: Numerics, *arrays: Array) -> tuple[Array, ...]:
+    if numerics.operand_dtype == "float32":
+        return arrays
+    return tuple(a.astype(numerics.operand_dtype) for a in arrays)
 
 
 Padding = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
@@ -150,21 +167,30 @@ def conv3d(
     *,
     stride: int = 1,
     padding: Padding = ((1, 1),) * 3,
+    numerics: Numerics = DEFAULT_NUMERICS,
 ) -> Volume:
     """Cross-correlation of one ``(I, D, H, W)`` volume with a ``(O, I, kD, kH, kW)`` kernel
     (PyTorch's ``conv3d``), zero ``padding`` ``(before, after)`` per spatial axis; → ``(O, D', H', W')``.
 
-    Evaluated as :data:`CONV_IMPLEMENTATION` says (all exact up to float32 rounding).
+    Evaluated as ``numerics.implementation`` says (all exact up to float32 rounding).
     """
     kernel = weight.shape[2:]
     voxels = math.prod(x.shape[1:])
-    name = CONV_IMPLEMENTATION
-    if name == "winograd" and not (kernel == (3, 3, 3) and stride == 1 and padding == ((1, 1),) * 3
-                                   and OPERAND_DTYPE is None):
+    name = numerics.implementation
+    pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
+    if name in ("auto", "onednn"):
+        if not pointwise and numerics.operand_dtype == "float32" and onednn.available():
+            out_voxels = math.prod((size + lo + hi - k) // stride + 1
+                                   for size, (lo, hi), k in zip(x.shape[1:], padding, kernel))
+            return onednn.conv3d(x, weight, bias, stride=stride, padding=padding,
+                                 blocked=out_voxels >= ONEDNN_BLOCKED_MIN_VOXELS)
         name = "auto"
-    x_in, weight_in = _operands(x, weight)
+    if name == "winograd" and not (kernel == (3, 3, 3) and stride == 1 and padding == ((1, 1),) * 3
+                                   and numerics.operand_dtype == "float32"):
+        name = "auto"
+    x_in, weight_in = _operands(numerics, x, weight)
     if name == "auto":
-        if kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3:
+        if pointwise:
             out = jnp.einsum("oi,idhw->odhw", weight_in[:, :, 0, 0, 0], x_in, precision=PRECISION,
                              preferred_element_type=jnp.float32)
             return out if bias is None else out + bias[:, None, None, None]
@@ -226,16 +252,19 @@ class Linear(eqx.Module):
 
     weight: Float[Array, "out in"]
     bias: Float[Array, " out"] | None
+    numerics: Numerics = eqx.field(static=True)
 
     def __init__(
-        self, in_features: int, out_features: int, *, use_bias: bool = True, key: PRNGKeyArray
+        self, in_features: int, out_features: int, *, use_bias: bool = True,
+        numerics: Numerics = DEFAULT_NUMERICS, key: PRNGKeyArray
     ) -> None:
         weight_key, bias_key = jax.random.split(key)
         self.weight = _uniform(weight_key, (out_features, in_features), in_features)
         self.bias = _uniform(bias_key, (out_features,), in_features) if use_bias else None
+        self.numerics = numerics
 
     def __call__(self, x: Float[Array, "... in"]) -> Float[Array, "... out"]:
-        out = jnp.einsum("...i,oi->...o", *_operands(x, self.weight), precision=PRECISION,
+        out = jnp.einsum("...i,oi->...o", *_operands(self.numerics, x, self.weight), precision=PRECISION,
                          preferred_element_type=jnp.float32)
         return out if self.bias is None else out + self.bias
 
@@ -314,23 +343,25 @@ def subpixel_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "8*ou
     return kernels.reshape((8 * weight.shape[0], weight.shape[1], 2, 2, 2))
 
 
-def upsample_conv(x: Volume, weight: Float[Array, "out in 3 3 3"], bias: Float[Array, " out"]) -> Volume:
-    """``conv3x3x3(upsample_nearest(x))`` (zero padding 1) without materialising the upsampled
-    input: one 2×2×2 convolution with 8× the output channels, then depth-to-space.
+def upsample_conv(x: Volume, conv: Conv3d, bias: Float[Array, " out"] | None = None) -> Volume:
+    """``conv(upsample_nearest(x))`` for a 3×3×3 ``conv`` (zero padding 1) without materialising
+    the upsampled input: one 2×2×2 convolution with 8× the output channels (bias fused), then
+    depth-to-space. ``bias`` replaces ``conv.bias`` when given.
 
     ``(C, D, H, W) -> (out, 2D, 2H, 2W)``.
     """
-    channels_out = weight.shape[0]
+    bias = conv.bias if bias is None else bias
+    channels_out = conv.weight.shape[0]
     _, depth, height, width = x.shape
     # Window start i-1+a in x ⇔ index i+a of x padded by one voxel on each side.
-    per_parity = conv3d(x, subpixel_weights(weight), padding=((1, 1),) * 3).reshape(
-        2, 2, 2, channels_out, depth + 1, height + 1, width + 1)
+    per_parity = conv3d(x, subpixel_weights(conv.weight), jnp.tile(bias, 8), padding=((1, 1),) * 3,
+                        numerics=conv.numerics).reshape(2, 2, 2, channels_out, depth + 1, height + 1, width + 1)
     shifted = jnp.stack([
         per_parity[a, b, c, :, a:a + depth, b:b + height, c:c + width]
         for a in (0, 1) for b in (0, 1) for c in (0, 1)
     ]).reshape(2, 2, 2, channels_out, depth, height, width)
     interleaved = shifted.transpose(3, 4, 0, 5, 1, 6, 2)  # (out, D, a, H, b, W, c)
-    return interleaved.reshape(channels_out, 2 * depth, 2 * height, 2 * width) + bias[:, None, None, None]
+    return interleaved.reshape(channels_out, 2 * depth, 2 * height, 2 * width)
 
 
 # Winograd F(2, 3) (Lavin & Gray 2016), applied separably along each of the three axes:

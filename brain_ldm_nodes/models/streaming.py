@@ -23,7 +23,7 @@ from jax import lax
 from jaxtyping import Array
 
 from .autoencoder import AutoencoderKL, ResBlock, Upsample
-from .layers import PRECISION, Conv3d, GroupNorm, conv3d, subpixel_weights
+from .layers import PRECISION, Conv3d, GroupNorm, Numerics, conv3d, subpixel_weights
 
 HALO = 2  # rows of zero padding kept around the low-resolution input along the slab axis
 Stats = tuple[Array, Array, Array]
@@ -70,10 +70,11 @@ def _normalise(x: Array, norm: GroupNorm, stats: Stats) -> Array:
 def _conv_rows(conv: Conv3d, x: Array) -> Array:
     """``conv`` on rows that already include their halo along axis 1 (no padding there)."""
     half = conv.weight.shape[2] // 2
-    return conv3d(x, conv.weight, conv.bias, padding=((0, 0), (half, half), (half, half)))
+    return conv3d(x, conv.weight, conv.bias, padding=((0, 0), (half, half), (half, half)), numerics=conv.numerics)
 
 
-def _upsample_rows(weight: Array, bias: Array, low: Array, first_row: Array, rows: int) -> Array:
+def _upsample_rows(weight: Array, bias: Array, numerics: Numerics, low: Array, first_row: Array,
+                   rows: int) -> Array:
     """Full-resolution rows ``[first_row, first_row + rows)`` of ``conv3x3x3(up2(low))`` (the
     :class:`Upsample` whose ``postconv`` has ``weight``, ``bias``).
 
@@ -84,7 +85,8 @@ def _upsample_rows(weight: Array, bias: Array, low: Array, first_row: Array, row
     low_rows = rows // 2
     # output rows 2i+a (i = first_row/2 …) read low rows i-1+a, i+a: padded index i-1+a+HALO
     window = lax.dynamic_slice_in_dim(low, first_row // 2 - 1 + HALO, low_rows + 2, axis=1)
-    per_parity = conv3d(window, subpixel_weights(weight), padding=((0, 0), (1, 1), (1, 1)))
+    per_parity = conv3d(window, subpixel_weights(weight), jnp.tile(bias, 8), padding=((0, 0), (1, 1), (1, 1)),
+                        numerics=numerics)
     channels_out = weight.shape[0]
     height, width = low.shape[2], low.shape[3]
     per_parity = per_parity.reshape(2, 2, 2, channels_out, low_rows + 1, height + 1, width + 1)
@@ -92,24 +94,23 @@ def _upsample_rows(weight: Array, bias: Array, low: Array, first_row: Array, row
         per_parity[a, b, c, :, a:a + low_rows, b:b + height, c:c + width]
         for a in (0, 1) for b in (0, 1) for c in (0, 1)
     ]).reshape(2, 2, 2, channels_out, low_rows, height, width)
-    full = shifted.transpose(3, 4, 0, 5, 1, 6, 2).reshape(channels_out, rows, 2 * height, 2 * width)
-    return full + bias[:, None, None, None]
+    return shifted.transpose(3, 4, 0, 5, 1, 6, 2).reshape(channels_out, rows, 2 * height, 2 * width)
 
 
-def _postconv(upsample: Upsample) -> tuple[Array, Array]:
-    return upsample.postconv.weight, upsample.postconv.bias
+def _postconv(upsample: Upsample) -> tuple[Array, Array, Numerics]:
+    return upsample.postconv.weight, upsample.postconv.bias, upsample.postconv.numerics
 
 
-def _skip_of_upsample(upsample: Upsample, block: ResBlock) -> tuple[Array, Array]:
+def _skip_of_upsample(upsample: Upsample, block: ResBlock) -> tuple[Array, Array, Numerics]:
     """Kernel and bias of ``nin_shortcut ∘ postconv`` (a 1×1×1 convolution after a 3×3×3 one is
     one 3×3×3 convolution), so the ResBlock's skip branch ``nin(U)`` is computed from the
     low-resolution input with half the work of recomputing ``U`` (64 instead of 128 channels)."""
-    weight, bias = _postconv(upsample)
+    weight, bias, numerics = _postconv(upsample)
     if block.nin_shortcut is None:
-        return weight, bias
+        return weight, bias, numerics
     nin = block.nin_shortcut.weight[:, :, 0, 0, 0]
     folded = jnp.einsum("oc,cikjl->oikjl", nin, weight, precision=PRECISION)
-    return folded, jnp.dot(nin, bias, precision=PRECISION) + block.nin_shortcut.bias
+    return folded, jnp.dot(nin, bias, precision=PRECISION) + block.nin_shortcut.bias, numerics
 
 
 def _inside(first_row: Array, rows: int, depth: int) -> Array:

@@ -25,6 +25,7 @@ from .layers import (
     Linear,
     Volume,
     avg_pool2,
+    conv3d,
     upsample_conv,
     upsample_nearest,
 )
@@ -139,13 +140,16 @@ class ResnetBlock(eqx.Module):
 
     def __call__(self, x: Volume, emb: Float[Array, " time_embed_dim"]) -> Volume:
         h = jax.nn.silu(self.norm1(x))
+        # conv1(h) + time_emb_proj(silu(emb)) per channel: the embedding is added to conv1's bias
+        # (fused into the convolution, no pass over the volume of its own).
+        bias = self.conv1.bias + self.time_emb_proj(jax.nn.silu(emb))
         if self.resample == "up":  # conv1(up(h)) in sub-pixel form: exact, 3.4× fewer multiplies
-            x, h = upsample_nearest(x), upsample_conv(h, self.conv1.weight, self.conv1.bias)
-        elif self.resample == "down":
-            x, h = avg_pool2(x), self.conv1(avg_pool2(h))
+            x, h = upsample_nearest(x), upsample_conv(h, self.conv1, bias)
         else:
-            h = self.conv1(h)
-        h = h + self.time_emb_proj(jax.nn.silu(emb))[:, None, None, None]
+            if self.resample == "down":
+                x, h = avg_pool2(x), avg_pool2(h)
+            h = conv3d(h, self.conv1.weight, bias, stride=self.conv1.stride,
+                       padding=(self.conv1.padding,) * 3, numerics=self.conv1.numerics)
         h = self.conv2(jax.nn.silu(self.norm2(h)))
         return (x if self.skip_connection is None else self.skip_connection(x)) + h
 
@@ -171,7 +175,7 @@ class ConvUpsample(eqx.Module):
         self.postconv = Conv3d(channels, channels, 3, key=key)
 
     def __call__(self, x: Volume, emb: Array) -> Volume:
-        return upsample_conv(x, self.postconv.weight, self.postconv.bias)
+        return upsample_conv(x, self.postconv)
 
 
 class Attention(eqx.Module):

@@ -1,0 +1,258 @@
+// 3-D convolution (float32, forward, bias fused) by oneDNN, as an XLA FFI handler for jax.jit on CPU.
+//
+// Registered from Python (brain_ldm_nodes/models/onednn.py) with jax.ffi.register_ffi_target under
+// the name "brain_ldm_onednn_conv3d", platform "cpu". Arguments, all float32 and row-major:
+//   x      (..., I, D, H, W)   or, with channels_last, (..., D, H, W, I); leading axes = the batch
+//   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch)
+//   bias   (..., O),             leading axes all of size 1, or one bias per example
+// Result: (..., O, D', H', W') (or channels-last), the same leading axes as x.
+// Attributes: stride (one for every axis), pad_{d,h,w}_{lo,hi} (zero padding before / after),
+// blocked (use the layout oneDNN prefers for the activations, nCdhw8c/16c, reordering the
+// plain input and output; otherwise channels-last, ndhwc).
+//
+// oneDNN primitives (convolution and the reorders around it) are built once per problem
+// (shapes, stride, padding, layout) and cached. On each call the kernel is reordered into
+// oneDNN's packed layout and the activations into its blocked layout, in three scratch buffers
+// shared by all problems (grown to the largest one, never one per problem: a U-Net's packed
+// kernels would otherwise double its 2.2 GB of weights). Calls are serialised: each uses all of
+// oneDNN's OpenMP threads (OMP_NUM_THREADS).
+
+#include <omp.h>
+
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <tuple>
+#include <vector>
+
+#include "dnnl.hpp"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using tag = dnnl::memory::format_tag;
+using dt = dnnl::memory::data_type;
+
+namespace {
+
+struct Problem {
+  int64_t n, i, d, h, w, o, kd, kh, kw, stride, pads[6];
+  bool blocked, channels_last;
+  auto tie() const {
+    return std::tie(n, i, d, h, w, o, kd, kh, kw, stride, pads[0], pads[1], pads[2], pads[3], pads[4],
+                    pads[5], blocked, channels_last);
+  }
+  bool operator<(const Problem& other) const { return tie() < other.tie(); }
+  int64_t out(int64_t size, int64_t k, int64_t lo, int64_t hi) const {
+    return (size + lo + hi - k) / stride + 1;
+  }
+};
+
+struct Plan {
+  dnnl::convolution_forward conv;
+  dnnl::memory::desc src_user, dst_user, weights_user, src_md, dst_md, weights_md, bias_md;
+  bool reorder_src = false, reorder_dst = false;
+  dnnl::reorder src_reorder, dst_reorder, weights_reorder;
+};
+
+// A grow-only 64-byte-aligned scratch buffer.
+class Scratch {
+ public:
+  void* get(size_t bytes) {
+    if (bytes > size_) {
+      std::free(data_);
+      data_ = std::aligned_alloc(64, (bytes + 63) / 64 * 64);
+      size_ = data_ ? bytes : 0;
+      if (!data_) throw std::bad_alloc();
+    }
+    return data_;
+  }
+  void release() {
+    std::free(data_);
+    data_ = nullptr;
+    size_ = 0;
+  }
+  ~Scratch() { std::free(data_); }
+
+ private:
+  void* data_ = nullptr;
+  size_t size_ = 0;
+};
+
+Scratch scratch_src, scratch_dst, scratch_weights;
+
+dnnl::engine& engine() {
+  static dnnl::engine instance(dnnl::engine::kind::cpu, 0);
+  return instance;
+}
+
+std::mutex& call_mutex() {
+  static std::mutex instance;
+  return instance;
+}
+
+std::map<Problem, std::unique_ptr<Plan>>& plans() {
+  static std::map<Problem, std::unique_ptr<Plan>> instance;
+  return instance;
+}
+
+std::unique_ptr<Plan> make_plan(const Problem& p) {
+  auto plan = std::make_unique<Plan>();
+  const dnnl::memory::dims src_dims{p.n, p.i, p.d, p.h, p.w};
+  const dnnl::memory::dims dst_dims{p.n, p.o, p.out(p.d, p.kd, p.pads[0], p.pads[1]),
+                                    p.out(p.h, p.kh, p.pads[2], p.pads[3]),
+                                    p.out(p.w, p.kw, p.pads[4], p.pads[5])};
+  const dnnl::memory::dims weights_dims{p.o, p.i, p.kd, p.kh, p.kw};
+  const tag user = p.channels_last ? tag::ndhwc : tag::ncdhw;
+  plan->src_user = dnnl::memory::desc(src_dims, dt::f32, user);
+  plan->dst_user = dnnl::memory::desc(dst_dims, dt::f32, user);
+  plan->weights_user = dnnl::memory::desc(weights_dims, dt::f32, tag::oidhw);
+  plan->bias_md = dnnl::memory::desc({p.o}, dt::f32, tag::x);
+  const auto src_any = p.blocked ? dnnl::memory::desc(src_dims, dt::f32, tag::any)
+                                 : dnnl::memory::desc(src_dims, dt::f32, tag::ndhwc);
+  const auto dst_any = p.blocked ? dnnl::memory::desc(dst_dims, dt::f32, tag::any)
+                                 : dnnl::memory::desc(dst_dims, dt::f32, tag::ndhwc);
+  const auto weights_any = dnnl::memory::desc(weights_dims, dt::f32, tag::any);
+  const dnnl::memory::dims strides{p.stride, p.stride, p.stride};
+  const dnnl::memory::dims pad_lo{p.pads[0], p.pads[2], p.pads[4]};
+  const dnnl::memory::dims pad_hi{p.pads[1], p.pads[3], p.pads[5]};
+  auto pd = dnnl::convolution_forward::primitive_desc(
+      engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_any,
+      weights_any, plan->bias_md, dst_any, strides, pad_lo, pad_hi);
+  plan->conv = dnnl::convolution_forward(pd);
+  plan->src_md = pd.src_desc();
+  plan->dst_md = pd.dst_desc();
+  plan->weights_md = pd.weights_desc();
+  if (plan->src_md != plan->src_user) {
+    plan->reorder_src = true;
+    plan->src_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), plan->src_user, engine(),
+                                                                    plan->src_md));
+  }
+  if (plan->dst_md != plan->dst_user) {
+    plan->reorder_dst = true;
+    plan->dst_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), plan->dst_md, engine(),
+                                                                    plan->dst_user));
+  }
+  plan->weights_reorder = dnnl::reorder(dnnl::reorder::primitive_desc(engine(), plan->weights_user,
+                                                                      engine(), plan->weights_md));
+  return plan;
+}
+
+int64_t leading(const ffi::Span<const int64_t> dims, size_t trailing) {
+  int64_t product = 1;
+  for (size_t k = 0; k + trailing < dims.size(); ++k) product *= dims[k];
+  return product;
+}
+
+ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
+                  ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad_d_lo, int64_t pad_d_hi,
+                  int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi, bool blocked,
+                  bool channels_last) {
+  const auto xd = x.dimensions(), wd = weight.dimensions(), bd = bias.dimensions();
+  if (xd.size() < 4 || wd.size() < 5 || bd.size() < 1)
+    return ffi::Error::InvalidArgument("onednn conv3d: x needs rank >= 4, weight >= 5, bias >= 1");
+  if (leading(wd, 5) != 1)
+    return ffi::Error::InvalidArgument("onednn conv3d: one kernel per call (weights must not be batched)");
+  const size_t r = xd.size();
+  Problem p{};
+  // The batch is the result's leading axes; x and bias have either the same or size-1 ones
+  // (jax.vmap's "expand_dims" over only some arguments). A batched bias (one per example, e.g. a
+  // U-Net's conv bias plus its time embedding) or a shared x: one convolution per example.
+  const int64_t batch = leading(y->dimensions(), 4), inputs = leading(xd, 4), biases = leading(bd, 1);
+  if ((inputs != 1 && inputs != batch) || (biases != 1 && biases != batch))
+    return ffi::Error::InvalidArgument("onednn conv3d: x or bias batch differs from the result's");
+  const bool per_example = batch > 1 && (inputs != batch || biases != 1);
+  const int64_t examples = per_example ? batch : 1;
+  p.n = per_example ? 1 : batch;
+  if (channels_last) {
+    p.d = xd[r - 4], p.h = xd[r - 3], p.w = xd[r - 2], p.i = xd[r - 1];
+  } else {
+    p.i = xd[r - 4], p.d = xd[r - 3], p.h = xd[r - 2], p.w = xd[r - 1];
+  }
+  const size_t rw = wd.size();
+  p.o = wd[rw - 5], p.kd = wd[rw - 3], p.kh = wd[rw - 2], p.kw = wd[rw - 1];
+  if (wd[rw - 4] != p.i || bd[bd.size() - 1] != p.o)
+    return ffi::Error::InvalidArgument("onednn conv3d: x, weight and bias channels disagree");
+  p.stride = stride;
+  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
+  std::memcpy(p.pads, pads, sizeof pads);
+  p.blocked = blocked;
+  p.channels_last = channels_last;
+  if (p.n == 0) return ffi::Error::Success();
+
+  std::lock_guard<std::mutex> lock(call_mutex());
+  try {
+    auto& slot = plans()[p];
+    if (!slot) slot = make_plan(p);
+    Plan& plan = *slot;
+    dnnl::stream stream(engine());
+    dnnl::memory weights_user(plan.weights_user, engine(), const_cast<float*>(weight.typed_data()));
+    dnnl::memory weights_packed(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
+    plan.weights_reorder.execute(stream, weights_user, weights_packed);
+    const size_t src_step = plan.src_user.get_size() / sizeof(float);
+    const size_t dst_step = plan.dst_user.get_size() / sizeof(float);
+    for (int64_t e = 0; e < examples; ++e) {
+      const int64_t x_index = inputs == 1 ? 0 : e, bias_index = biases == 1 ? 0 : e;
+      dnnl::memory src_user(plan.src_user, engine(), const_cast<float*>(x.typed_data()) + x_index * src_step);
+      dnnl::memory dst_user(plan.dst_user, engine(), y->typed_data() + e * dst_step);
+      dnnl::memory bias_mem(plan.bias_md, engine(), const_cast<float*>(bias.typed_data()) + bias_index * p.o);
+      dnnl::memory src = src_user, dst = dst_user;
+      if (plan.reorder_src) {
+        src = dnnl::memory(plan.src_md, engine(), scratch_src.get(plan.src_md.get_size()));
+        plan.src_reorder.execute(stream, src_user, src);
+      }
+      if (plan.reorder_dst) dst = dnnl::memory(plan.dst_md, engine(), scratch_dst.get(plan.dst_md.get_size()));
+      plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
+                                 {DNNL_ARG_WEIGHTS, weights_packed},
+                                 {DNNL_ARG_BIAS, bias_mem},
+                                 {DNNL_ARG_DST, dst}});
+      if (plan.reorder_dst) plan.dst_reorder.execute(stream, dst, dst_user);
+    }
+    stream.wait();
+  } catch (const dnnl::error& e) {
+    return ffi::Error::Internal(std::string("onednn conv3d: ") + e.what());
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// The exported symbols (everything else is hidden: -fvisibility=hidden).
+#pragma GCC visibility push(default)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_d_lo")
+                                  .Attr<int64_t>("pad_d_hi")
+                                  .Attr<int64_t>("pad_h_lo")
+                                  .Attr<int64_t>("pad_h_hi")
+                                  .Attr<int64_t>("pad_w_lo")
+                                  .Attr<int64_t>("pad_w_hi")
+                                  .Attr<bool>("blocked")
+                                  .Attr<bool>("channels_last"));
+
+// Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
+extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
+
+// Frees the scratch buffers (they grow back on the next call), e.g. between sampling and decoding.
+extern "C" void brain_ldm_onednn_release_scratch() {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  scratch_src.release();
+  scratch_dst.release();
+  scratch_weights.release();
+}
+
+// Number of cached primitive plans (tests: the cache is keyed by problem, not by call).
+extern "C" int64_t brain_ldm_onednn_cached_plans() {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  return static_cast<int64_t>(plans().size());
+}
+#pragma GCC visibility pop
