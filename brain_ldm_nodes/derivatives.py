@@ -761,8 +761,9 @@ def plan_counterfactuals(
     for participant in table.usable:
         images = sources.get(participant.label) or ()
         if not images:
-            notes.append(f"sub-{participant.label}: no T1w image (anat/*_T1w.nii[.gz]) in "
-                         f"{root}; no counterfactual for it")
+            pattern = "*_T1w" if source_dataset == "raw" else "*_desc-preproc_T1w, usable"
+            notes.append(f"sub-{participant.label}: no T1w image (anat/{pattern}.nii[.gz]) "
+                         f"in {root}; no counterfactual for it")
             continue
         targets: list[tuple[Conditioning, tuple[EditValue, ...], SweepPoint | None]] = []
         if edits:

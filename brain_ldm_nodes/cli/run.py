@@ -631,7 +631,8 @@ def _derivatives_key(description: dict[str, Any]) -> str:
     import re
 
     generators = [g for g in description.get("GeneratedBy") or [] if isinstance(g, dict)]
-    name = re.sub(r"[^0-9a-z]", "", str(generators[0].get("Name", "")).lower()) if generators else ""
+    first = str(generators[0].get("Name", "")) if generators else ""
+    name = re.sub(r"[^0-9a-z]", "", first.lower())
     return name if name and name != "raw" else "derivatives"
 
 
