@@ -72,7 +72,9 @@ __all__ = [
     "BidsDatasetError",
     "Participant",
     "ParticipantsTable",
+    "find_preprocessed_t1w",
     "find_t1w_images",
+    "read_derivatives_description",
     "load_layout",
     "normalise_participant_label",
     "read_participants",
@@ -381,6 +383,100 @@ def find_t1w_images(
         **filters,
     )
     return tuple(sorted(Path(f) for f in files))
+
+
+#: ``space-`` labels of preprocessed T1w taken as already in MNI152 space (resampled onto the
+#: model grid without registration), best first when one image exists in several.
+MNI152_SPACE_PREFIX = "MNI152"
+_SPACE_RANK = ("MNI152NLin2009cAsym", "MNI152NLin2009aSym", "MNI152NLin2009cSym",
+               "MNI152NLin2009aAsym")
+_PREPROC_RE = re.compile(r"^(?P<stem>sub-[0-9A-Za-z]+(?:_[0-9A-Za-z]+-[0-9A-Za-z]+)*)"
+                         r"_T1w\.nii(?:\.gz)?$")
+
+
+def read_derivatives_description(folder: str | os.PathLike[str], flag: str) -> dict[str, Any]:
+    """The ``dataset_description.json`` of a derivatives folder (e.g. ``derivatives/fmriprep``)
+    given as ``flag``; :class:`BidsDatasetError` (one line) if the folder is missing, has no
+    such file, it is not a JSON object, or its ``DatasetType`` is not ``derivative``."""
+    root = Path(folder)
+    path = root / "dataset_description.json"
+    if not root.is_dir():
+        raise BidsDatasetError(f"{flag} {root}: not a folder (accepted: a BIDS derivatives "
+                               "folder such as derivatives/fmriprep)")
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise BidsDatasetError(
+            f"{flag} {root}: no dataset_description.json (accepted: a BIDS derivatives folder "
+            "such as fMRIPrep's output, whose dataset_description.json has DatasetType "
+            "derivative)") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BidsDatasetError(f"{flag} {path}: not readable JSON ({exc})") from None
+    if not isinstance(document, dict) or document.get("DatasetType") != "derivative":
+        found = document.get("DatasetType", "raw") if isinstance(document, dict) else "?"
+        raise BidsDatasetError(
+            f"{flag} {path}: DatasetType is {found!r}, not 'derivative' (accepted: a BIDS "
+            "derivatives folder such as derivatives/fmriprep)")
+    return document
+
+
+def _entity(stem: str, key: str) -> str | None:
+    found = re.search(rf"(?:^|_){key}-([0-9A-Za-z]+)(?:_|$)", stem)
+    return found.group(1) if found else None
+
+
+def find_preprocessed_t1w(
+    folder: str | os.PathLike[str], participant_label: str, *, t1w_space: str = "native"
+) -> tuple[dict[Path, tuple[str, str | None]], list[str]]:
+    """A participant's preprocessed T1w images in a derivatives folder (fMRIPrep's
+    ``sub-<label>/[ses-<s>/]anat/*_desc-preproc_T1w.nii[.gz]``), one per output image:
+    ``({path: (t1w_space, space label or None)}, notes)``.
+
+    ``space-MNI152*`` images are already in MNI152 space: ``t1w_space`` ``"MNI"`` (only
+    resampled onto the model grid). An image without ``space-`` is in the T1w's own space
+    and is prepared like a raw T1w (``t1w_space``: registered for ``"native"``, conformed for
+    ``"conform"``; left out for ``"MNI"``). Other spaces (``MNIPediatricAsym``, ``fsnative``,
+    ...) are left out with a note. Images that differ only in ``space-``/``res-`` would make
+    the same output: the first of MNI152NLin2009cAsym, the other MNI152NLin2009 variants, other
+    MNI152 spaces, no space (then without ``res-`` first) is used, the others noted.
+    """
+    root = Path(folder)
+    label = normalise_participant_label(participant_label, what="participant_label")
+    candidates: dict[str, list[tuple[tuple[int, str], Path, str, str | None]]] = {}
+    notes: list[str] = []
+    subject = root / f"sub-{label}"
+    for path in sorted([*subject.glob("anat/*_desc-preproc_T1w.nii*"),
+                        *subject.glob("ses-*/anat/*_desc-preproc_T1w.nii*")]):
+        match = _PREPROC_RE.match(path.name)
+        if match is None or not match["stem"].startswith(f"sub-{label}_"):
+            continue
+        stem = match["stem"]
+        relative = path.relative_to(root).as_posix()
+        space, res = _entity(stem, "space"), _entity(stem, "res")
+        if space is not None and space.startswith(MNI152_SPACE_PREFIX):
+            prepared = "MNI"
+            rank = _SPACE_RANK.index(space) if space in _SPACE_RANK else len(_SPACE_RANK)
+        elif space is None and t1w_space != "MNI":
+            prepared, rank = t1w_space, len(_SPACE_RANK) + 1
+        else:
+            why = (f"space-{space} is not an MNI152 space" if space is not None else
+                   "it has no space- entity (the T1w's own space), and --t1w-space MNI says "
+                   "the T1w are in MNI space")
+            notes.append(f"{relative}: {why}; not used (accepted: space-MNI152*, resampled, or "
+                         "no space-, registered with --t1w-space native)")
+            continue
+        key = "_".join(part for part in stem.split("_")
+                       if not part.startswith(("space-", "res-", "desc-")))
+        candidates.setdefault(key, []).append(((rank, res or ""), path, prepared, space))
+    found: dict[Path, tuple[str, str | None]] = {}
+    for key, options in candidates.items():
+        options.sort(key=lambda option: option[0])
+        _, chosen, prepared, space = options[0]
+        found[chosen] = (prepared, space)
+        for _, other, _, _ in options[1:]:
+            notes.append(f"{other.relative_to(root).as_posix()}: not used; "
+                         f"{chosen.relative_to(root).as_posix()} makes the same output ({key})")
+    return found, notes
 
 
 # --------------------------------------------------------------------------- participants.tsv

@@ -106,6 +106,7 @@ __all__ = [
     "remove_image",
     "remove_stale_temporaries",
     "stale_synthetic_images",
+    "stale_transforms",
     "remove_stale_top_level_temporaries",
     "sidecar_path",
     "write_dataset_files",
@@ -545,6 +546,15 @@ class CounterfactualRequest:
     ``--counterfactual`` edits (empty for a sweep point); ``target`` the resolved conditioning;
     ``t1w_space`` where the source is (``CounterfactualSeriesT1w.t1w_space``: ``"native"``
     registers it to MNI152).
+
+    ``source_dataset`` is the ``DatasetLinks`` key of the dataset holding the source
+    (``"raw"``: bids_dir; ``"fmriprep"``: a ``--t1w-derivatives`` folder) and
+    ``source_space`` its ``space-`` label, if any. ``output_space`` ``"model"`` is the model
+    grid (no ``space-`` entity: its affine is the model's, not MNI coordinates; the source's
+    ``space-``, ``res-`` and ``desc-`` entities are dropped); ``"source"`` the counterfactual
+    resampled back onto the source's grid (``source_shape``) with the inverse transform,
+    named ``space-<source space>`` (``space-T1w`` for a raw T1w: the image-based coordinate
+    system of the T1w).
     """
 
     participant: Participant
@@ -560,8 +570,14 @@ class CounterfactualRequest:
     edits: tuple[EditValue, ...] = ()
     sweep: SweepPoint | None = None
     t1w_space: str = "native"
+    source_dataset: str = "raw"
+    source_space: str | None = None
+    output_space: Literal["model", "source"] = "model"
+    source_shape: tuple[int, int, int] | None = None
 
-    image_keys = property(lambda self: COUNTERFACTUAL_IMAGE_KEYS)
+    @property
+    def image_keys(self) -> tuple[tuple[str, ...], ...]:
+        return (*COUNTERFACTUAL_IMAGE_KEYS, ("OutputSpace",))
 
     def __post_init__(self) -> None:
         if self.participant.conditioning is None:
@@ -570,6 +586,8 @@ class CounterfactualRequest:
             raise ValueError("a counterfactual has either edits or a sweep point")
         if not Path(self.source_relative).name.endswith(("_T1w.nii.gz", "_T1w.nii")):
             raise ValueError(f"{self.source_relative}: not a T1w image name")
+        if self.output_space == "source" and self.source_shape is None:
+            raise ValueError("a counterfactual on the source's grid needs the source's shape")
 
     @property
     def label(self) -> str:
@@ -577,8 +595,9 @@ class CounterfactualRequest:
 
     @property
     def source_uri(self) -> str:
-        """``bids:raw:<path>``: the source as a BIDS URI (``DatasetLinks.raw``)."""
-        return f"bids:raw:{self.source_relative}"
+        """``bids:raw:<path>``: the source as a BIDS URI (``DatasetLinks.raw``; or
+        ``bids:fmriprep:<path>`` for a ``--t1w-derivatives`` source)."""
+        return f"bids:{self.source_dataset}:{self.source_relative}"
 
     @property
     def source_group(self) -> str:
@@ -586,11 +605,37 @@ class CounterfactualRequest:
         name = Path(self.source_relative).name
         return name[: name.rindex("_T1w")]
 
-    @property
-    def relative_path(self) -> Path:
+    def entities(self, output_space: str) -> str:
+        """The output's entities before ``desc-``: the source's, without ``desc-`` (fMRIPrep's
+        ``desc-preproc``: one ``desc-`` per name), and on the model grid without ``space-``
+        and ``res-`` either; on the source's grid with ``space-T1w`` if it has no space."""
+        kept = [part for part in self.source_group.split("_") if not part.startswith("desc-")]
+        if output_space == "model":
+            return "_".join(p for p in kept if not p.startswith(("space-", "res-")))
+        if not any(part.startswith("space-") for part in kept):
+            kept.append("space-T1w")
+        return "_".join(kept)
+
+    def _path(self, output_space: str) -> Path:
         desc = COUNTERFACTUAL_DESC + (self.sweep.desc_suffix if self.sweep is not None else "")
         folder = Path(self.source_relative).parent
-        return folder / f"{self.source_group}_desc-{desc}_T1w.nii.gz"
+        return folder / f"{self.entities(output_space)}_desc-{desc}_T1w.nii.gz"
+
+    @property
+    def relative_path(self) -> Path:
+        return self._path(self.output_space)
+
+    @property
+    def grid_stem(self) -> str:
+        """The stem of this counterfactual on the model grid (the series node's output; a
+        source-grid request is that image resampled)."""
+        return self._path("model").name[: -len(".nii.gz")]
+
+    @property
+    def output_shape(self) -> tuple[int, ...]:
+        """The shape the published image has: the model's grid or the source's."""
+        return tuple(self.source_shape if self.output_space == "source"
+                     else self.model.image_shape)
 
     @property
     def stem(self) -> str:
@@ -600,7 +645,8 @@ class CounterfactualRequest:
     def title(self) -> str:
         what = (f"sweep {self.sweep.title}" if self.sweep is not None
                 else " ".join(edit.spec for edit in self.edits))
-        return f"{self.source_group} counterfactual {what}"
+        where = " (on the source's grid)" if self.output_space == "source" else ""
+        return f"{self.source_group} counterfactual {what}{where}"
 
     @property
     def start_message(self) -> str:
@@ -615,18 +661,27 @@ class CounterfactualRequest:
     def metadata_keys(self) -> tuple[tuple[str, ...], ...]:
         what = ("Sweep",) if self.sweep is not None else ("Edit",)
         return (("Sources",), ("ConditioningFrom", "Derivation"), ("ConditioningTo", "Derivation"),
-                ("Demographics",), what, ("SkullStripped",))
+                ("Demographics",), what, ("SkullStripped",), ("Preparation", "source_dataset"),
+                ("Preparation", "source_space"))
 
     def conditionings(self) -> dict[str, Conditioning]:
-        """``{key: conditioning}`` the workflow needs written: own (inversion) and target."""
+        """``{key: conditioning}`` the workflow needs written: own (inversion) and target
+        (keyed by :attr:`grid_stem`: one per model-grid image, whatever its output spaces)."""
         return {self.participant.participant_id: self.participant.conditioning,
-                self.stem: self.target}
+                self.grid_stem: self.target}
 
     def extra_metadata(self) -> dict[str, Any]:
         """Sidecar keys added to :func:`~brain_ldm_nodes.provenance.counterfactual_sidecar`'s:
         the source as a BIDS URI and its sha256, the edit or sweep point, the demographics."""
         what = ({"Sweep": self.sweep.metadata()} if self.sweep is not None
                 else {"Edit": [edit.spec for edit in self.edits]})
+        extra: dict[str, Any] = {}
+        if self.source_dataset != "raw":  # merged into the node's Preparation record
+            extra["Preparation"] = {"source_dataset": self.source_dataset,
+                                    "source_space": self.source_space}
+        if self.output_space == "source":
+            extra["OutputSpace"] = "source"
+            extra["SpatialReference"] = self.source_uri
         return _json_normal({
             "Sources": [self.source_uri],
             "SourceSHA256": self.source_sha256,
@@ -634,6 +689,7 @@ class CounterfactualRequest:
             "Demographics": _demographics(self),
             # The model regenerates whole-head images like its training data.
             "SkullStripped": False,
+            **extra,
         })
 
     def expected(self) -> dict[tuple[str, ...], Any]:
@@ -659,6 +715,9 @@ class CounterfactualRequest:
             ("ConditioningTo", "Derivation"): record(self.target),
             ("Demographics",): extras["Demographics"],
             ("SkullStripped",): extras["SkullStripped"],
+            ("OutputSpace",): extras.get("OutputSpace", _MISSING),
+            ("Preparation", "source_dataset"): _lookup(extras, ("Preparation", "source_dataset")),
+            ("Preparation", "source_space"): _lookup(extras, ("Preparation", "source_space")),
         }
         key = "Sweep" if self.sweep is not None else "Edit"
         expected[(key,)] = extras[key]
@@ -675,14 +734,23 @@ def plan_counterfactuals(
     num_inference_steps: int,
     model: ModelIdentity,
     t1w_space: str = "native",
+    output_spaces: Sequence[str] = ("model",),
+    source_dataset: str = "raw",
+    source_spaces: Mapping[Path, tuple[str, str | None]] | None = None,
 ) -> tuple[list[CounterfactualRequest], list[str]]:
     """Counterfactuals of every real T1w of every usable participant: one per source with
-    ``edits`` (if any), and one per value of each sweep; with one-line notes on what is
-    left out (participants without a T1w, edits out of range under the policy).
+    ``edits`` (if any), and one per value of each sweep, each in every ``output_spaces``
+    (``"model"``, ``"source"``); with one-line notes on what is left out (participants
+    without a T1w, edits out of range under the policy).
 
     ``sources`` maps a participant label to its T1w images (absolute paths under
-    ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids.find_t1w_images`.
+    ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids.find_t1w_images`, or under a
+    derivatives folder (``source_dataset`` its ``DatasetLinks`` key, ``bids_dir`` its root,
+    ``source_spaces`` image -> ``(t1w_space, space label)``, e.g. from
+    :func:`brain_ldm_nodes.bids.find_preprocessed_t1w`).
     """
+    import nibabel as nib
+
     from .annex import bids_path, not_retrieved, retrieve_hint
     from .edits import EditError, apply_edits
 
@@ -693,8 +761,9 @@ def plan_counterfactuals(
     for participant in table.usable:
         images = sources.get(participant.label) or ()
         if not images:
-            notes.append(f"sub-{participant.label}: no T1w image (anat/*_T1w.nii[.gz]) in "
-                         f"{root}; no counterfactual for it")
+            pattern = "*_T1w" if source_dataset == "raw" else "*_desc-preproc_T1w, usable"
+            notes.append(f"sub-{participant.label}: no T1w image (anat/{pattern}.nii[.gz]) "
+                         f"in {root}; no counterfactual for it")
             continue
         targets: list[tuple[Conditioning, tuple[EditValue, ...], SweepPoint | None]] = []
         if edits:
@@ -719,14 +788,26 @@ def plan_counterfactuals(
                 notes.append(f"{relative}: cannot read it ({exc.strerror or exc}); no "
                              "counterfactual of it (existing ones are left as they are)")
                 continue
+            space, label = (source_spaces or {}).get(image, (t1w_space, None))
+            shape = None
+            if "source" in output_spaces:
+                try:
+                    shape = tuple(int(n) for n in nib.load(path).shape[:3])
+                except Exception as exc:  # nibabel raises several types for damaged files
+                    notes.append(f"{relative}: not a readable NIfTI image ({type(exc).__name__})"
+                                 "; no counterfactual of it")
+                    continue
             for target, edit, point in targets:
-                requests.append(CounterfactualRequest(
-                    participant=participant, source=path, source_relative=relative,
-                    source_sha256=digest, target=target,
-                    num_inference_steps=num_inference_steps, model=model,
-                    columns=dict(table.columns), policy=policy, tsv_name=table.tsv_path.name,
-                    edits=edit, sweep=point, t1w_space=t1w_space,
-                ))
+                for output_space in output_spaces:
+                    requests.append(CounterfactualRequest(
+                        participant=participant, source=path, source_relative=relative,
+                        source_sha256=digest, target=target,
+                        num_inference_steps=num_inference_steps, model=model,
+                        columns=dict(table.columns), policy=policy,
+                        tsv_name=table.tsv_path.name, edits=edit, sweep=point, t1w_space=space,
+                        source_dataset=source_dataset, source_space=label,
+                        output_space=output_space, source_shape=shape,
+                    ))
     return requests, notes
 
 
@@ -807,7 +888,7 @@ def assess(
         return Assessment("generate", document)
     if not image.exists():
         return Assessment("generate", f"{sidecar.name} has no image next to it")
-    problem = _image_problem(image, request.model.image_shape)
+    problem = _image_problem(image, getattr(request, "output_shape", request.model.image_shape))
     if problem is not None:
         return Assessment("generate", problem)
     expected = request.expected()
@@ -857,7 +938,10 @@ def publish_image(
     target = Path(out_file)
     target_sidecar = sidecar_path(target)
     document = json.loads(Path(in_sidecar).read_text(encoding="utf-8"))
-    document.update(metadata or {})
+    metadata = dict(metadata or {})
+    if isinstance(metadata.get("Preparation"), Mapping):  # added to the node's record
+        metadata["Preparation"] = {**document.get("Preparation", {}), **metadata["Preparation"]}
+    document.update(metadata)
     target_sidecar.unlink(missing_ok=True)
     with open(in_file, "rb") as source:
         atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
@@ -947,6 +1031,26 @@ def stale_synthetic_images(
     return sorted(p for p in images if pattern.match(p.name) and p.name not in wanted)
 
 
+def stale_transforms(output_dir: str | os.PathLike[str], label: str) -> list[Path]:
+    """Registration transforms of ``sub-<label>`` (``*_from-T1w_to-*_xfm.txt``) that no image
+    sidecar of the participant names in ``RegistrationTransform`` any more, e.g. after a run
+    with ``--t1w-space conform`` (no registration) or from a ``--t1w-derivatives`` source in
+    MNI space over an earlier registered one."""
+    folder = Path(output_dir)
+    subject = folder / f"sub-{label}"
+    transforms = sorted([*subject.glob("anat/*_from-T1w_to-*_xfm.txt"),
+                         *subject.glob("ses-*/anat/*_from-T1w_to-*_xfm.txt")])
+    if not transforms:
+        return []
+    named = set()
+    for sidecar in [*subject.glob("anat/*_T1w.json"), *subject.glob("ses-*/anat/*_T1w.json")]:
+        document = _read_sidecar(sidecar)
+        if isinstance(document, dict) and isinstance(document.get("RegistrationTransform"), str):
+            named.add(document["RegistrationTransform"])
+    return [path for path in transforms
+            if f"bids::{path.relative_to(folder).as_posix()}" not in named]
+
+
 def remove_image(image: Path) -> None:
     """Remove an output image and its sidecar: the sidecar first, so that an interrupted
     removal leaves at most an image without a sidecar (left out of the group report, and
@@ -963,19 +1067,19 @@ def counterfactual_sidecars(output_dir: str | os.PathLike[str]) -> list[Path]:
 
 
 def check_raw_link(
-    existing: Mapping[str, Any] | None, raw_link: str, output_dir: Path
+    existing: Mapping[str, Any] | None, raw_link: str, output_dir: Path, *, key: str = "raw"
 ) -> None:
     """Refuse to re-point ``DatasetLinks.raw`` while counterfactuals made from the dataset it
     names are in ``output_dir``: their ``bids:raw:`` sources would then name files of another
     dataset. Raises :class:`OutputDirError` naming both links and what to do."""
-    old = ((existing or {}).get("DatasetLinks") or {}).get("raw")
+    old = ((existing or {}).get("DatasetLinks") or {}).get(key)
     if not old or old == raw_link:
         return
     made = counterfactual_sidecars(output_dir)
     if made:
         raise OutputDirError(
             f"output_dir {output_dir}: its {len(made)} counterfactuals name sources in {old} "
-            f"(DatasetLinks.raw), this run reads {raw_link}; use another output_dir, or remove "
+            f"(DatasetLinks.{key}), this run reads {raw_link}; use another output_dir, or remove "
             "them first"
         )
 
@@ -1338,7 +1442,8 @@ def _generated_by() -> dict[str, Any]:
 
 
 def dataset_description(
-    source: Mapping[str, Any], *, raw_link: str | None = None
+    source: Mapping[str, Any], *, raw_link: str | None = None,
+    links: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """``dataset_description.json`` of an output made from a dataset whose own description
     is ``source`` (empty if it has none); ``raw_link`` (see :func:`raw_dataset_link`) becomes
@@ -1361,8 +1466,9 @@ def dataset_description(
     bare = bare_doi(source.get("DatasetDOI"))
     if bare:
         description["SourceDatasets"] = [{"DOI": f"doi:{bare}", "URL": f"https://doi.org/{bare}"}]
-    if raw_link:
-        description["DatasetLinks"] = {"raw": raw_link}
+    if raw_link or links:
+        description["DatasetLinks"] = {**({"raw": raw_link} if raw_link else {}),
+                                       **(links or {})}
     return description
 
 

@@ -308,7 +308,10 @@ def test_bids_app_counterfactual_registers_a_real_t1w_and_publishes_the_transfor
 ):
     """The default --t1w-space native: a head-like T1w (the MNI152 template moved by a known
     rigid motion, LPS, 1.2 mm) is registered; the transform is published beside the image with
-    fMRIPrep's naming, recovers the motion, and the sidecar records the registration."""
+    fMRIPrep's naming, recovers the motion, and the sidecar records the registration. With
+    --output-space model source the counterfactual is also put back on the T1w's grid
+    (space-T1w) where the known motion says the model grid lies."""
+    from nibabel.affines import apply_affine
     from brain_ldm_nodes.registration import read_itk_transform
     from registration_support import grid_affine, moved_image, rigid, transform_errors
     from brain_ldm_nodes.registration import load_template
@@ -322,7 +325,8 @@ def test_bids_app_counterfactual_registers_a_real_t1w_and_publishes_the_transfor
     nib.save(nib.Nifti1Image(np.asarray(moved.dataobj).astype(np.int16), moved.affine), source)
     out = tmp_path / "out"
     done = app(dataset, out, "participant", "--model", tiny_model, "--num-inference-steps",
-               STEPS, "--participant-label", "01", "--counterfactual", "age=+10")
+               STEPS, "--participant-label", "01", "--counterfactual", "age=+10",
+               "--output-space", "model", "source")
     assert done.code == 0, done.err
     xfm = out / "sub-01/anat/sub-01_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt"
     rms_mm, angle_deg = transform_errors(read_itk_transform(xfm), motion)
@@ -335,6 +339,17 @@ def test_bids_app_counterfactual_registers_a_real_t1w_and_publishes_the_transfor
     assert preparation["library"].startswith("SimpleITK")
     assert preparation["template"]["name"] == "MNI152NLin2009aSym"
     assert preparation["ncc_with_template"] > 0.5
+    on_source = out / "sub-01/anat/sub-01_space-T1w_desc-counterfactual_T1w.nii.gz"
+    image = nib.load(on_source)
+    assert image.shape == shape
+    np.testing.assert_allclose(image.affine, moved.affine)
+    source_sidecar = json.loads(on_source.with_name(on_source.name[:-7] + ".json").read_text())
+    assert source_sidecar["OutputSpace"] == "source"
+    assert source_sidecar["RegistrationTransform"] == sidecar["RegistrationTransform"]
+    # The model grid's 16 mm box, centred on MNI (0, -17, 5), moved by the known motion.
+    inside = apply_affine(moved.affine, np.argwhere(np.asarray(image.dataobj) != 0))
+    np.testing.assert_allclose(inside.mean(axis=0), apply_affine(motion, [0.0, -17.0, 5.0]),
+                               atol=1.5)
     assert validator_errors(out) == []
     # The space is part of what the voxels depend on: another --t1w-space redoes the image.
     again = app(dataset, out, "participant", "--model", tiny_model, "--num-inference-steps",
@@ -344,3 +359,6 @@ def test_bids_app_counterfactual_registers_a_real_t1w_and_publishes_the_transfor
     sidecar = json.loads((out / "sub-01/anat/sub-01_desc-counterfactual_T1w.json").read_text())
     assert sidecar["Preparation"]["t1w_space"] == "conform"
     assert "RegistrationTransform" not in sidecar
+    # The space-T1w image of the first run still names the transform: it stays (a transform
+    # no image names is removed: test_bids_app_fmriprep.py).
+    assert xfm.exists() and "removed" not in again.out

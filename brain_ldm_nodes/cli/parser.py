@@ -267,6 +267,22 @@ def get_parser() -> argparse.ArgumentParser:
                             "MNI152NLin2009aSym_mode-image_xfm.txt; MNI = already in MNI152 2009 "
                             "space (e.g. fMRIPrep space-MNI152NLin2009cAsym), only resampled; "
                             "conform = reorient and centre-crop without registration (toy data)")
+    edits.add_argument("--t1w-derivatives", type=Path, metavar="DIR", default=None,
+                       help="take the real T1w of --counterfactual from a derivatives folder "
+                            "instead of bids_dir, e.g. derivatives/fmriprep: its sub-*/[ses-*/]"
+                            "anat/*_space-MNI152*_desc-preproc_T1w.nii.gz are already in MNI "
+                            "space (only resampled onto the model grid, not registered); images "
+                            "without space- are prepared as --t1w-space says; other spaces are "
+                            "left out with a note. Sources are named bids:<key>:<path> "
+                            "(DatasetLinks.<key>, key 'fmriprep' for fMRIPrep); participants "
+                            "still come from bids_dir's participants.tsv")
+    edits.add_argument("--output-space", nargs="+", choices=["model", "source"],
+                       default=["model"], metavar="{model,source}",
+                       help="where the counterfactuals are written: model (default) = the "
+                            "model's grid; source = resampled back onto the source T1w's grid "
+                            "with the inverse of its transform, named space-T1w (raw T1w) or "
+                            "space-<its space> (--t1w-derivatives); both: 'model source'. Not "
+                            "with --t1w-space conform (no transform)")
 
     execution = parser.add_argument_group("execution")
     execution.add_argument("-w", "--work-dir", type=Path,

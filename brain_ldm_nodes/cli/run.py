@@ -272,13 +272,21 @@ class Progress:
 
     def _requests_of(self, node) -> tuple[list[Any], str]:
         """The requests a node works on (a counterfactual node: several) and its kind."""
-        from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, SampleT1w
+        from ..interfaces import (
+            CounterfactualSeriesT1w,
+            PublishDerivative,
+            ResampleToSource,
+            SampleT1w,
+        )
 
         interface = node.interface
         if isinstance(interface, SampleT1w):
             stems, kind = [node.inputs.out_prefix], "sample"
-        elif isinstance(interface, CounterfactualSeriesT1w):
-            stems, kind = list(node.inputs.out_prefixes), "sample"
+        elif isinstance(interface, CounterfactualSeriesT1w):  # model-grid stems: all spaces
+            made = set(node.inputs.out_prefixes)
+            return [r for r in self.requests if getattr(r, "grid_stem", None) in made], "sample"
+        elif isinstance(interface, ResampleToSource):
+            stems, kind = [node.inputs.out_prefix], "resample"
         elif isinstance(interface, PublishDerivative):
             stems, kind = [Path(node.inputs.out_file).name[: -len(".nii.gz")]], "publish"
         else:
@@ -393,6 +401,16 @@ def _edits_and_sweeps(args, policy) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
         raise UsageError(f"--n-samples {args.n_samples} applies to synthetic images; "
                          "--counterfactual makes one image per real T1w and edit (accepted: "
                          "drop --n-samples, or run the synthetic images separately)")
+    if args.counterfactual is None:
+        for flag, given in (("--t1w-derivatives", args.t1w_derivatives is not None),
+                            ("--output-space", args.output_space != ["model"])):
+            if given:
+                raise UsageError(f"{flag} applies to the real T1w of --counterfactual "
+                                 "(accepted: add --counterfactual EDIT..., or drop it)")
+    if "source" in args.output_space and args.t1w_space == "conform":
+        raise UsageError("--output-space source needs the transform of a registration: "
+                         "--t1w-space conform has none (accepted: --t1w-space native or MNI, "
+                         "or --output-space model)")
     neutral = Conditioning((0.5, 0.5, 0.5, 0.5))
     checks = [("--counterfactual", edit.spec, edit) for edit in edits]
     checks += [("--sweep", sweep.text, value) for sweep in sweeps for value in sweep.values]
@@ -413,11 +431,28 @@ def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list
     from ..derivatives import plan_counterfactuals, plan_images, plan_sweeps
 
     steps = args.num_inference_steps
+    output_spaces = tuple(dict.fromkeys(args.output_space))  # given order, once each
+    if args.counterfactual is not None and args.t1w_derivatives is not None:
+        from ..bids import find_preprocessed_t1w
+
+        sources, spaces, notes = {}, {}, []
+        for participant in table.usable:
+            found, found_notes = find_preprocessed_t1w(
+                args.t1w_derivatives, participant.label, t1w_space=args.t1w_space)
+            sources[participant.label] = list(found)
+            spaces.update(found)
+            notes += found_notes
+        requests, more = plan_counterfactuals(
+            table, sources, bids_dir=args.t1w_derivatives, edits=edits, sweeps=sweeps,
+            num_inference_steps=steps, model=identity, t1w_space=args.t1w_space,
+            output_spaces=output_spaces, source_dataset=args.t1w_derivatives_key,
+            source_spaces=spaces)
+        return requests, notes + more
     if args.counterfactual is not None:
         sources = {p.label: find_t1w_images(layout, p.label) for p in table.usable}
         return plan_counterfactuals(table, sources, bids_dir=args.bids_dir, edits=edits,
                                     sweeps=sweeps, num_inference_steps=steps, model=identity,
-                                    t1w_space=args.t1w_space)
+                                    t1w_space=args.t1w_space, output_spaces=output_spaces)
     requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
                            num_inference_steps=steps, model=identity)
     swept, notes = plan_sweeps(table, sweeps, base_seed=args.seed, num_inference_steps=steps,
@@ -465,6 +500,16 @@ def run_participant_level(args) -> int:
 
     config = _demographics_config(args)
     edits, sweeps = _edits_and_sweeps(args, config.policy)
+    derivatives_description = None
+    if args.t1w_derivatives is not None:
+        from ..bids import read_derivatives_description
+
+        args.t1w_derivatives = args.t1w_derivatives.expanduser().resolve()
+        derivatives_description = read_derivatives_description(
+            args.t1w_derivatives, "--t1w-derivatives")
+        args.t1w_derivatives_key = _derivatives_key(derivatives_description)
+        log.info("real T1w from %s (%s; sources named bids:%s:...)", args.t1w_derivatives,
+                 derivatives_description.get("Name", "no Name"), args.t1w_derivatives_key)
     layout = load_layout(bids_dir, validate=not args.skip_bids_validation)
     table = read_participants(
         bids_dir, config, participant_labels=args.participant_label, layout=layout
@@ -505,10 +550,16 @@ def run_participant_level(args) -> int:
             source = _source_description(layout)
             link = (raw_dataset_link(source, bids_dir, output_dir)
                     if args.counterfactual is not None else None)
+            links = {}
+            if derivatives_description is not None:
+                links[args.t1w_derivatives_key] = raw_dataset_link(
+                    derivatives_description, args.t1w_derivatives, output_dir)
             if link is not None:  # outputs and DatasetLinks.raw must agree
                 check_raw_link(existing, link, output_dir)
-            write_dataset_files(output_dir, dataset_description(source, raw_link=link),
-                                existing)
+            for key, value in links.items():
+                check_raw_link(existing, value, output_dir, key=key)
+            write_dataset_files(
+                output_dir, dataset_description(source, raw_link=link, links=links), existing)
         for path in [*stale, *remove_stale_temporaries(output_dir, labels)]:
             log.info("removed %s (left by an interrupted run)", path.relative_to(output_dir))
         requests, notes = _plan(args, table, layout, identity, edits, sweeps)
@@ -560,6 +611,8 @@ def run_participant_level(args) -> int:
             return 0
         if args.counterfactual is None:
             _remove_stale_images(output_dir, table, args.n_samples, failures, to_make)
+        else:
+            _remove_stale_transforms(output_dir, table, failures, to_make)
         _print_summary(table, len(to_make) - len(failures), complete, refreshed, failures,
                        to_make)
         if failures:
@@ -570,6 +623,17 @@ def run_participant_level(args) -> int:
             with suppress(OSError):  # the shared parent, once no other run uses it
                 work.parent.rmdir()
     return 0
+
+
+def _derivatives_key(description: dict[str, Any]) -> str:
+    """The ``DatasetLinks`` key of a ``--t1w-derivatives`` folder: its first ``GeneratedBy``
+    name in lower case letters and digits (``fmriprep``), else ``derivatives``."""
+    import re
+
+    generators = [g for g in description.get("GeneratedBy") or [] if isinstance(g, dict)]
+    first = str(generators[0].get("Name", "")) if generators else ""
+    name = re.sub(r"[^0-9a-z]", "", first.lower())
+    return name if name and name != "raw" else "derivatives"
 
 
 def _graph_submission(locks, plugin: str, work: Path) -> str | None:
@@ -771,6 +835,22 @@ def _remove_stale_images(output_dir: Path, table, n_samples: int, failures, requ
             remove_image(image)
             log.info("removed %s and its sidecar: --n-samples %d does not make it",
                      image.relative_to(output_dir), n_samples)
+
+
+def _remove_stale_transforms(output_dir: Path, table, failures, requests) -> None:
+    """Remove the registration transforms of this run's participants that no image names
+    any more (e.g. after switching to --t1w-space conform), once all of the participant's
+    requested images are complete; one line each, as for stale images."""
+    from ..derivatives import stale_transforms
+
+    failed = {request.label for request in requests if request.stem in (failures or {})}
+    for participant in table.usable:
+        if participant.label in failed:
+            continue
+        for path in stale_transforms(output_dir, participant.label):
+            path.unlink(missing_ok=True)
+            log.info("removed %s: no image uses this transform any more",
+                     path.relative_to(output_dir))
 
 
 # --------------------------------------------------------------------------- group level

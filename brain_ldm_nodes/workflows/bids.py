@@ -14,7 +14,13 @@ from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
 from ..derivatives import CounterfactualRequest, ImageRequest
-from ..interfaces import CounterfactualSeriesT1w, PublishDerivative, PublishFile, SampleT1w
+from ..interfaces import (
+    CounterfactualSeriesT1w,
+    PublishDerivative,
+    PublishFile,
+    ResampleToSource,
+    SampleT1w,
+)
 from ..registration import TEMPLATE_NAME
 from .synthesis import FULL_SIZE_MEM_GB
 
@@ -102,9 +108,13 @@ def init_single_subject_wf(
     ``counterfactual_<source entities>`` node (:class:`CounterfactualSeriesT1w`: one
     inversion, one forward pass per image), each image with its own ``ds_<stem>``; the
     sidecar's ``Sources`` becomes the ``bids:raw:`` URI of the source. With the requests'
-    ``t1w_space`` ``"native"`` (register to MNI152) or ``"MNI"``, ``ds_xfm_<source entities>``
-    publishes the transform as ``<source entities>_from-T1w_to-MNI152NLin2009aSym_mode-image
-    _xfm.txt`` beside the images, and their sidecars name it (``RegistrationTransform``).
+    ``t1w_space`` ``"native"`` (register to MNI152) or ``"MNI"`` (a source without
+    ``space-``), ``ds_xfm_<source entities>`` publishes the transform as ``<output
+    entities>_from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt`` beside the images, and their
+    sidecars name it (``RegistrationTransform``); a ``space-MNI152*`` source (fMRIPrep) has
+    none to publish (identity). A request with ``output_space="source"`` gets
+    ``to_source_<stem>`` (:class:`ResampleToSource`) between the series node and its
+    publisher; the series node makes each model-grid image once.
     """
     workflow = pe.Workflow(name=name)
     labels = {request.label for request in requests}
@@ -152,16 +162,17 @@ def init_single_subject_wf(
         # fmt: on
     for source_group, members in series.items():
         first = members[0]
+        grid_stems = list(dict.fromkeys(r.grid_stem for r in members))  # each image once
         counterfactual = pe.Node(
             CounterfactualSeriesT1w(
                 in_file=str(first.source),
                 conditioning_from_file=str(
                     conditioning_files[first.participant.participant_id]),
-                conditioning_to_files=[str(conditioning_files[r.stem]) for r in members],
+                conditioning_to_files=[str(conditioning_files[stem]) for stem in grid_stems],
                 num_inference_steps=first.num_inference_steps,
                 model=first.model.model,
                 model_checksum=first.model.checksum,
-                out_prefixes=[r.stem for r in members],
+                out_prefixes=grid_stems,
                 t1w_space=first.t1w_space,
             ),
             name=f"counterfactual_{_node_name(source_group)}",
@@ -170,17 +181,19 @@ def init_single_subject_wf(
         if revision is not None:
             counterfactual.inputs.revision = revision
         transform = None
-        if first.t1w_space in ("native", "MNI"):
-            # <source entities>_from-T1w_to-<template>_mode-image_xfm.txt beside the images.
+        if first.t1w_space in ("native", "MNI") and first.source_space is None:
+            # <output entities>_from-T1w_to-<template>_mode-image_xfm.txt beside the images.
             transform = (Path(first.source_relative).parent
-                         / f"{first.source_group}_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt")
+                         / f"{first.entities('model')}_from-T1w_to-{TEMPLATE_NAME}"
+                           "_mode-image_xfm.txt")
             publish_xfm = pe.Node(
                 PublishFile(out_file=str(root / transform)),
                 name=f"ds_xfm_{_node_name(source_group)}",
                 overwrite=True, run_without_submitting=True, n_procs=0, mem_gb=0.0,
             )
             workflow.connect([(counterfactual, publish_xfm, [("out_transform", "in_file")])])
-        for index, request in enumerate(members):
+        for request in members:
+            index = grid_stems.index(request.grid_stem)
             publish = pe.Node(
                 PublishDerivative(
                     out_file=str(root / request.relative_path),
@@ -196,12 +209,23 @@ def init_single_subject_wf(
                 n_procs=0,
                 mem_gb=0.0,
             )
-            # fmt: off
-            workflow.connect([
-                (counterfactual, publish, [(("out_files", _pick, index), "in_file"),
-                                           (("out_sidecars", _pick, index), "in_sidecar")]),
-            ])
-            # fmt: on
+            workflow.connect([(counterfactual, publish,
+                               [(("out_sidecars", _pick, index), "in_sidecar")])])
+            if request.output_space == "source":
+                to_source = pe.Node(
+                    ResampleToSource(source_file=str(first.source), out_prefix=request.stem),
+                    name=f"to_source_{_node_name(request.stem)}",
+                )
+                # fmt: off
+                workflow.connect([
+                    (counterfactual, to_source, [(("out_files", _pick, index), "in_file"),
+                                                 ("out_transform", "transform")]),
+                    (to_source, publish, [("out_file", "in_file")]),
+                ])
+                # fmt: on
+            else:
+                workflow.connect([(counterfactual, publish,
+                                   [(("out_files", _pick, index), "in_file")])])
     return workflow
 
 
