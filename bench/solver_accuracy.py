@@ -1,24 +1,30 @@
 #!/usr/bin/env python
-"""Accuracy of DDIM and the multistep solvers vs a 1000-step DDIM reference (README "Faster samplers").
+"""Accuracy of DDIM and the multistep solvers vs 1000-step DDIM references (README "Faster samplers").
 
-    python bench/solver_accuracy.py                      # the smooth tiny network (≈ 5 min, 2 cores)
+    python bench/solver_accuracy.py --plot               # the smooth tiny network (≈ 10 min, 2 cores)
     python bench/solver_accuracy.py --network full-size  # released architecture, random weights,
                                                          # 32³ image / 4³ latent (≈ 5 GB, longer)
 
 Every sampler starts from the same noise (``initial_noise(seed, ...)``, as ``sample_latents``)
 and the same conditioning; the error of a run is the final latent's normwise relative error
 ``max|z − z_ref| / max|z_ref|`` (as the tests' ``relative_error``), averaged over the seeds.
-The reference is DDIM with 1000 steps (timesteps 999, 998, …, 0: the ODE from t = 999 to the
-clean sample, as the solvers' ``linspace`` timesteps). Its own error is estimated by comparing it
-with DPM-Solver++ 2M at 999 steps (a second-order solution of the same ODE): printed as "reference
-floor". DDIM keeps the bundle's "leading" timesteps (980, 960, …, 0 for 50 steps; it starts at
-t = (n−1)·⌊1000/n⌋, e.g. 800 for 5 steps), so part of its error at few steps is that late start.
+
+What a sampler converges to depends on where it starts: the solvers (diffusers' ``linspace``
+timesteps 999, …) solve the probability-flow ODE from t = 999; DDIM as the bundle runs it
+("leading": 980, 960, …, 0 for 50 steps) takes the same noise as x_980 — starting at
+t = (n−1)·⌊1000/n⌋ in general, e.g. 800 for 5 steps — a different noise → image map, ≈ 18 %
+away from the t = 999 one on this network. So there are two references, both DDIM with unit
+steps: from t = 999 (999, 998, …, 0 = DDIM-1000 "leading") for the solvers and for DDIM on the
+solvers' timesteps ("DDIM, same timesteps": the first-order baseline on the same ODE), and from
+t = 980 (981 steps) for DDIM-50 as released — its own discretisation error, the accuracy a
+solver must match to give an image as close to its exact ODE solution as DDIM-50's is to its.
+Each reference's own error is estimated against DPM-Solver++ 2M with 999 steps ("floor").
 
 "smooth": the network of tests/test_inversion.py (tiny U-Net with random weights, output
 convolution × 0.3: a smoother, more realistic ε), 16³ image, 8³ latent.
 
-Writes ``bench/results/solver_accuracy_<network>.json`` and ``.md`` and, for the smooth network,
-the log–log plot ``docs/figures/solver_accuracy.png`` (with ``--plot``).
+Writes ``bench/results/solver_accuracy_<network>.json`` and ``.md`` and, with ``--plot``, the
+log–log plot ``docs/figures/solver_accuracy_<network>.png``.
 """
 
 from __future__ import annotations
@@ -33,8 +39,13 @@ import equinox as eqx
 import jax
 import numpy as np
 
+import jax.numpy as jnp
+
 from brain_ldm_nodes import AutoencoderKLConfig, BrainLDM, DiffusionModelUNetConfig, initial_noise
-from brain_ldm_nodes.scheduler_names import SCHEDULER_TITLES, SCHEDULERS
+from brain_ldm_nodes.pipeline import _ddim_loop
+from brain_ldm_nodes.scheduler import DDIMTables, alphas_cumprod
+from brain_ldm_nodes.scheduler_names import SCHEDULER_TITLES
+from brain_ldm_nodes.solvers import diffusers_timesteps
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
@@ -65,11 +76,28 @@ def relative_errors(latents: np.ndarray, reference: np.ndarray) -> list[float]:
     return [float(np.max(np.abs(z - r)) / np.max(np.abs(r))) for z, r in zip(latents, reference)]
 
 
+def ddim_on(model: BrainLDM, timesteps: np.ndarray) -> DDIMTables:
+    """DDIM tables for the given timesteps (sampling order), each step to the next, the last to
+    the clean sample (ᾱ = 1), on the bundle's ᾱ table."""
+    cumprod = alphas_cumprod(model.scheduler)
+    prev = np.concatenate([cumprod[timesteps[1:]], [np.float32(1.0)]]).astype(np.float32)
+    return DDIMTables(jnp.asarray(timesteps, jnp.int32), jnp.asarray(cumprod[timesteps]), jnp.asarray(prev))
+
+
+#: Columns: (key, title, reference start).
+COLUMNS = (
+    ("ddim", "DDIM as released (980, 960, …)", 999),
+    ("ddim-same", "DDIM, same timesteps (999, …)", 999),
+    ("dpmpp-2m", "DPM-Solver++ 2M", 999),
+    ("unipc", "UniPC-2M", 999),
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--network", choices=("smooth", "full-size"), default="smooth")
     parser.add_argument("--seeds", type=int, default=4, help="samples averaged (default 4)")
-    parser.add_argument("--plot", action="store_true", help="write docs/figures/solver_accuracy.png")
+    parser.add_argument("--plot", action="store_true", help="write docs/figures/solver_accuracy_<network>.png")
     parser.add_argument("--no-scan", action="store_true", help="only the table's step counts")
     args = parser.parse_args()
 
@@ -78,38 +106,59 @@ def main() -> None:
     conditioning = rng.uniform(0.1, 0.9, (args.seeds, 4)).astype(np.float32)
     seeds = list(range(args.seeds))
     noise = np.stack([np.asarray(initial_noise(seed, model.latent_shape())) for seed in seeds])
+    cond = jnp.asarray(conditioning)
 
-    def run(scheduler: str, steps: int) -> np.ndarray:
+    def timed(label: str, function) -> np.ndarray:
         start = time.perf_counter()
-        latents = np.asarray(model.denoise(noise, conditioning, num_inference_steps=steps,
-                                           batch_size=len(seeds), scheduler=scheduler))
-        print(f"  {scheduler} {steps}: {time.perf_counter() - start:.1f} s", flush=True)
+        latents = np.asarray(function())
+        print(f"  {label}: {time.perf_counter() - start:.1f} s", flush=True)
         return latents
 
-    reference = run("ddim", REFERENCE_STEPS)
-    floor = float(np.mean(relative_errors(run("dpmpp-2m", REFERENCE_STEPS - 1), reference)))
-    errors: dict[str, dict[int, float]] = {name: {} for name in SCHEDULERS}
-    for name in SCHEDULERS:
-        counts = TABLE_STEPS if name == "ddim" or args.no_scan else sorted(set(TABLE_STEPS) | set(SCAN_STEPS))
-        for steps in counts:
-            errors[name][steps] = float(np.mean(relative_errors(run(name, steps), reference)))
+    def run(name: str, steps: int) -> np.ndarray:
+        if name == "ddim-same":
+            tables = ddim_on(model, diffusers_timesteps(model.scheduler, steps))
+            return timed(f"{name} {steps}", lambda: _ddim_loop(model.unet, tables, cond, jnp.asarray(noise)))
+        return timed(f"{name} {steps}", lambda: model.denoise(
+            noise, conditioning, num_inference_steps=steps, batch_size=len(seeds), scheduler=name))
 
-    target = errors["ddim"][50]
-    matches = {
-        name: min((n for n, e in sorted(errors[name].items()) if e <= target), default=None)
-        for name in SCHEDULERS if name != "ddim"
-    }
-    header = "| steps (U-Net calls) | " + " | ".join(SCHEDULER_TITLES[n] for n in SCHEDULERS) + " |"
-    lines = [header, "|---" * (len(SCHEDULERS) + 1) + "|"]
+    def error(latents: np.ndarray, reference: np.ndarray) -> float:
+        return float(np.mean(relative_errors(latents, reference)))
+
+    reference = run("ddim", REFERENCE_STEPS)  # 999, 998, …, 0
+    reference_980 = timed("ddim 980..0", lambda: _ddim_loop(
+        model.unet, ddim_on(model, np.arange(980, -1, -1)), cond, jnp.asarray(noise)))
+    second_order = run("dpmpp-2m", REFERENCE_STEPS - 1)
+    floor = error(second_order, reference)
+    errors: dict[str, dict[int, float]] = {key: {} for key, _, _ in COLUMNS}
+    for key, _, _ in COLUMNS:
+        scan = key in ("dpmpp-2m", "unipc") and not args.no_scan
+        for steps in sorted(set(TABLE_STEPS) | (set(SCAN_STEPS) if scan else set())):
+            errors[key][steps] = error(run(key, steps), reference)
+    ddim_50 = run("ddim", 50)
+    released_own = error(ddim_50, reference_980)
+    offset = error(reference_980, reference)
+
+    def first_match(key: str, target: float) -> int | None:
+        return min((n for n, e in sorted(errors[key].items()) if e <= target), default=None)
+
+    targets = {"DDIM-50 as released, vs its own exact solution (from t = 980)": released_own,
+               "DDIM-50 on the solvers' timesteps (same ODE)": errors["ddim-same"][50]}
+    lines = ["| steps (U-Net calls) | " + " | ".join(title for _, title, _ in COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
     for steps in TABLE_STEPS:
-        lines.append(f"| {steps} | " + " | ".join(f"{errors[n][steps]:.2e}" for n in SCHEDULERS) + " |")
+        lines.append(f"| {steps} | " + " | ".join(f"{errors[key][steps]:.2e}" for key, _, _ in COLUMNS) + " |")
     summary = [
-        f"network: {args.network}, latent {model.latent_shape()}, {args.seeds} seeds; reference DDIM-"
-        f"{REFERENCE_STEPS}; reference floor (DPM-Solver++ 2M-{REFERENCE_STEPS - 1} vs it): {floor:.1e}",
-        f"DDIM-50 error: {target:.2e}",
-        *(f"{SCHEDULER_TITLES[n]} reaches it at {m} steps ({m / 50:.2f}× DDIM-50's U-Net calls)"
-          if m else f"{SCHEDULER_TITLES[n]} does not reach it by 25 steps" for n, m in matches.items()),
+        f"network: {args.network}, latent {model.latent_shape()}, {args.seeds} seeds; errors vs DDIM-"
+        f"{REFERENCE_STEPS} (999, …, 0); its floor (vs DPM-Solver++ 2M-{REFERENCE_STEPS - 1}): {floor:.1e}; "
+        f"DDIM from 980 (unit steps) differs from it by {offset:.2e}",
     ]
+    matches: dict[str, dict[str, int | None]] = {}
+    for label, target in targets.items():
+        summary.append(f"{label}: {target:.2e}")
+        matches[label] = {key: first_match(key, target) for key in ("dpmpp-2m", "unipc")}
+        for key, m in matches[label].items():
+            summary.append(f"  {SCHEDULER_TITLES[key]} reaches it at {m} steps ({m / 50:.2f}× DDIM-50's U-Net calls)"
+                           if m else f"  {SCHEDULER_TITLES[key]} does not reach it by 25 steps")
     text = "\n".join(lines + [""] + summary)
     print(text)
     results = HERE / "results"
@@ -118,34 +167,36 @@ def main() -> None:
     stem.with_suffix(".md").write_text(text + "\n")
     stem.with_suffix(".json").write_text(json.dumps({
         "network": args.network, "latent_shape": list(model.latent_shape()), "seeds": seeds,
-        "reference": f"ddim-{REFERENCE_STEPS}", "reference_floor": floor, "errors": errors,
-        "matches_ddim_50_at": matches, "jax": jax.__version__,
+        "reference": f"ddim-{REFERENCE_STEPS}", "reference_floor": floor,
+        "ddim_from_980_vs_reference": offset, "targets": targets, "errors": errors,
+        "matches": matches, "jax": jax.__version__,
     }, indent=2) + "\n")
     if args.plot:
-        plot(errors, target, args.network)
+        plot(errors, targets, args.network)
 
 
-def plot(errors: dict[str, dict[int, float]], target: float, network: str) -> None:
+def plot(errors: dict[str, dict[int, float]], targets: dict[str, float], network: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axes = plt.subplots(figsize=(5.0, 3.6), dpi=110)
-    for name, marker in zip(SCHEDULERS, "osD"):
-        steps = sorted(errors[name])
-        axes.loglog(steps, [errors[name][n] for n in steps], marker=marker, markersize=3.5,
-                    label=SCHEDULER_TITLES[name])
-    axes.axhline(target, color="grey", linestyle="--", linewidth=0.8, label="DDIM-50's error")
+    figure, axes = plt.subplots(figsize=(5.6, 3.8), dpi=100)
+    for (key, title, _), marker in zip(COLUMNS, "ovsD"):
+        steps = sorted(errors[key])
+        axes.loglog(steps, [errors[key][n] for n in steps], marker=marker, markersize=3.5, label=title)
+    for (label, target), style in zip(targets.items(), ("--", ":")):
+        axes.axhline(target, color="grey", linestyle=style, linewidth=0.9,
+                     label="DDIM-50 released, own error" if style == "--" else "DDIM-50, same timesteps")
     axes.set_xlabel("steps (U-Net calls)")
     axes.set_ylabel("final latent error vs DDIM-1000")
     axes.set_xticks(list(TABLE_STEPS), [str(n) for n in TABLE_STEPS])
     axes.minorticks_off()
     axes.set_title(f"Sampler accuracy ({network} network)", fontsize=10)
     axes.grid(True, which="major", linewidth=0.3)
-    axes.legend(fontsize=8)
+    axes.legend(fontsize=7)
     figure.tight_layout()
-    out = REPO / "docs" / "figures" / "solver_accuracy.png"
+    out = REPO / "docs" / "figures" / f"solver_accuracy_{network}.png"
     figure.savefig(out)
     print(f"wrote {out}")
 

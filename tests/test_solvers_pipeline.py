@@ -110,3 +110,18 @@ def test_ddim_is_the_default_and_unchanged_by_the_keyword(tiny):
     default = model.sample_latents(np.zeros((1, 4)), [5], num_inference_steps=4)
     named = model.sample_latents(np.zeros((1, 4)), [5], num_inference_steps=4, scheduler="ddim")
     np.testing.assert_array_equal(np.asarray(default), np.asarray(named))
+
+
+def test_readme_faster_samplers_snippet_runs_as_written(tiny):
+    """The README's "Faster samplers" snippet, with the Quick start's ``model`` and
+    ``conditioning`` (here the tiny model)."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    section = readme.split("## Faster samplers", 1)[1]
+    snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
+    model, _ = tiny
+    namespace = {"model": model, "conditioning": np.array([[1.0, 0.7, 0.7, 0.5]])}
+    exec(snippet, namespace)
+    assert namespace["images"].shape == (1, 1) + model.image_shape
+    assert namespace["SCHEDULERS"] == SCHEDULERS
