@@ -459,7 +459,8 @@ class BrainLDM:
             tables = solver.tables(self.scheduler, num_inference_steps)
 
             def run(cond: Array, noise: Array) -> Array:
-                return _solver_loop(self.unet, solver, tables, cond, noise, progress=progress, precision=precision)
+                return _solver_loop(self.unet, solver, tables, cond, noise, progress=progress,
+                                    precision=precision)
 
         return jnp.concatenate([
             run(cond[start:start + batch_size], noise[start:start + batch_size])

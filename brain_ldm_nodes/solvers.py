@@ -128,8 +128,10 @@ def alpha_sigma_lambda(sigmas: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.n
     return alpha.astype(F32), sigma.astype(F32), lam.astype(F32)
 
 
-def _column(values: list[float] | np.ndarray, dtype=jnp.float32) -> Array:
-    return jnp.asarray(np.asarray(values, dtype=np.float32 if dtype == jnp.float32 else np.int32), dtype)
+def _column(values: list[np.float32] | np.ndarray, integer: bool = False) -> Array:
+    """A table column as a JAX array: float32 (values already rounded as diffusers rounds
+    them), or int32 for timesteps."""
+    return jnp.asarray(np.asarray(values, np.int32 if integer else np.float32))
 
 
 # -- DPM-Solver++ 2M -----------------------------------------------------------------------------
@@ -173,14 +175,18 @@ def dpmpp_2m_tables(
             inv_r0, d1_coeff = F32(1.0) / r0, F32(0.5) * x0_coeff
         else:
             inv_r0, d1_coeff = F32(0.0), F32(0.0)
-        for name, value in (("alpha", alpha[i]), ("sigma", sigma[i]), ("sample_coeff", sigma[i + 1] / sigma[i]),
-                            ("x0_coeff", x0_coeff), ("inv_r0", inv_r0), ("d1_coeff", d1_coeff)):
+        row = {"alpha": alpha[i], "sigma": sigma[i], "sample_coeff": sigma[i + 1] / sigma[i],
+               "x0_coeff": x0_coeff, "inv_r0": inv_r0, "d1_coeff": d1_coeff}
+        for name, value in row.items():
             columns[name].append(value)
-    return DPMSolverTables(_column(timesteps, jnp.int32), *(_column(columns[name]) for name in columns))
+    return DPMSolverTables(_column(timesteps, integer=True), *(_column(columns[name]) for name in columns))
 
 
 def data_prediction(
-    eps: Float[Array, "*shape"], sample: Float[Array, "*shape"], alpha: Float[Array, ""], sigma: Float[Array, ""]
+    eps: Float[Array, "*shape"],
+    sample: Float[Array, "*shape"],
+    alpha: Float[Array, ""],
+    sigma: Float[Array, ""],
 ) -> Float[Array, "*shape"]:
     """x̂₀ = (x − σ_s·ε) / α_s: the clean-sample prediction of an ε-prediction network."""
     return (sample - sigma * eps) / alpha
@@ -212,8 +218,8 @@ class UniPCTables(NamedTuple):
 
     Step i first corrects the sample it was given (UniC, from σ_{i−1} to σ_i, using the new x̂₀;
     ``use_corrector`` is 0 at i = 0), then predicts the next one (UniP, σ_i → σ_{i+1}).
-    Each update is ``c_sample·x − c_m0·m₀ − c_res·(ρ₁·(m₁ − m₀)/r₁ + ρ_t·D)`` with coefficients
-    (σ_t/σ_s, α_t·(e^{−h} − 1), α_t·(e^{−h} − 1)) (bh2: B(h) = e^{−h} − 1).
+    Each update is ``c_sample·x − c_m0·m₀ − c_res·(ρ₁·(m₁ − m₀)/r₁ + ρ_t·D)`` with
+    coefficients (σ_t/σ_s, α_t·(e^{−h} − 1), α_t·(e^{−h} − 1)) (bh2: B(h) = e^{−h} − 1).
     Predictor: m₀ = x̂₀ now, m₁ = x̂₀ of the previous step, ρ₁ = ½ (0 when first order), no D.
     Corrector: m₀ = previous x̂₀, m₁ = the one before, D = x̂₀ now − m₀, (ρ₁, ρ_t) solve
     UniC's 2×2 system (order 2) or are (0, ½) (order 1).
@@ -237,7 +243,8 @@ class UniPCTables(NamedTuple):
 
 
 def _unipc_coefficients(lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray, t: int, s0: int):
-    """Common UniPC terms for an update σ_{s0} → σ_t: (σ_t/σ_s0, α_t·h_φ₁, α_t·B_h, h, hh, h_φ₁, B_h)."""
+    """Common UniPC terms for an update σ_{s0} → σ_t:
+    (σ_t/σ_s0, α_t·h_φ₁, α_t·B_h, h, hh, h_φ₁, B_h)."""
     h = lam[t] - lam[s0]
     hh = -h
     h_phi_1 = np.expm1(hh)
@@ -247,7 +254,8 @@ def _unipc_coefficients(lam: np.ndarray, alpha: np.ndarray, sigma: np.ndarray, t
 
 def _unic_rhos(rk: np.float32, hh: np.float32, h_phi_1: np.float32, b_h: np.float32) -> np.ndarray:
     """UniC's order-2 weights: solve [[1, 1], [r_k, 1]]·ρ = b with
-    b_k = k!·h_φ_{k+1}(hh)/B(h), h_φ₂ = h_φ₁/hh − 1, h_φ₃ = h_φ₂/hh − ½, in float32 as diffusers."""
+    b_k = k!·h_φ_{k+1}(hh)/B(h), h_φ₂ = h_φ₁/hh − 1, h_φ₃ = h_φ₂/hh − ½, in float32 as
+    diffusers."""
     h_phi_k = h_phi_1 / hh - F32(1.0)
     b = [h_phi_k * F32(1) / b_h]
     h_phi_k = h_phi_k / hh - F32(0.5)
@@ -292,7 +300,9 @@ def unipc_tables(
             row.update(p_sample=p_sample, p_m0=p_m0, p_res=p_res, p_rk=p_rk, p_rho1=p_rho1)
             rows.append(row)
     fields = UniPCTables._fields[1:]
-    return UniPCTables(_column(timesteps, jnp.int32), *(_column([row[name] for row in rows]) for name in fields))
+    return UniPCTables(
+        _column(timesteps, integer=True), *(_column([row[name] for row in rows]) for name in fields)
+    )
 
 
 def unipc_step(

@@ -15,6 +15,8 @@ an index, a sign, float64 tables instead of float32) shows as ≥ 1e-5.
 
 from __future__ import annotations
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
@@ -73,7 +75,8 @@ def test_timesteps_and_sigmas_equal_diffusers(name, spacing):
 def test_default_spacing_is_linspace_from_999():
     fifty = diffusers_timesteps(DDIMSchedulerConfig(), 50).tolist()
     assert fifty[:3] == [999, 979, 959] and fifty[-2:] == [40, 20] and len(set(fifty)) == 50
-    assert diffusers_timesteps(DDIMSchedulerConfig(), 10).tolist() == [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    ten = [999, 899, 799, 699, 599, 500, 400, 300, 200, 100]
+    assert diffusers_timesteps(DDIMSchedulerConfig(), 10).tolist() == ten
 
 
 def run_trajectory(name: str, steps: int, spacing: str, seed: int, resync: bool = True):
@@ -115,15 +118,13 @@ def run_trajectory(name: str, steps: int, spacing: str, seed: int, resync: bool 
 
             eps, ours_eps = denoiser(reference), denoiser(np.asarray(ours, np.float64))
         ours, state = step(jnp.asarray(ours_eps), ours, state, table_row(tables, index))
-        reference = scheduler.step(torch.from_numpy(eps), timestep, torch.from_numpy(reference)).prev_sample.numpy()
+        reference = scheduler.step(
+            torch.from_numpy(eps), timestep, torch.from_numpy(reference)
+        ).prev_sample.numpy()
         errors.append(relative_error(ours, reference))
         if resync:
             ours = jnp.asarray(reference)  # the next step starts from the same point
     return errors
-
-
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 
 
 @pytest.mark.parametrize("spacing", SPACINGS)

@@ -19,8 +19,14 @@ import pytest
 import torch
 
 import brain_ldm_nodes.pipeline as pipeline
-from brain_ldm_nodes import AutoencoderKL, AutoencoderKLConfig, BrainLDM, DiffusionModelUNet, DiffusionModelUNetConfig
-from brain_ldm_nodes import initial_noise
+from brain_ldm_nodes import (
+    AutoencoderKL,
+    AutoencoderKLConfig,
+    BrainLDM,
+    DiffusionModelUNet,
+    DiffusionModelUNetConfig,
+    initial_noise,
+)
 from brain_ldm_nodes.scheduler_names import SCHEDULERS
 from brain_ldm_nodes.solvers import SOLVERS, Solver
 from brain_ldm_nodes.weights.mapping import load_monai_state_dict
