@@ -81,6 +81,11 @@ def test_bids_app_scheduler_is_recorded_and_a_different_one_is_a_different_image
     again = app(dataset, out, *args, "--scheduler", "dpmpp-2m")
     assert again.code == 0 and "1 already complete, 0 to sample" in again.out
     assert tree(out) == before
+    group = app(dataset, out, "group")
+    assert group.code == 0, group.err
+    rows = (out / "group" / "images.tsv").read_text().splitlines()
+    column = rows[0].split("\t").index("scheduler")
+    assert sorted(row.split("\t")[column] for row in rows[1:]) == ["ddim", "ddim", "dpmpp-2m"]
     back = app(dataset, out, *args)  # the default, DDIM, again: the original image
     assert back.code == 0 and "sampling again: Sampler.Method is" in back.out
     assert image.read_bytes() == ddim_image
