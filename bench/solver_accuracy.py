@@ -52,6 +52,7 @@ REPO = HERE.parent
 TABLE_STEPS = (5, 10, 15, 20, 25, 50)
 SCAN_STEPS = tuple(range(5, 26))  # the solvers at every count, to find where they meet DDIM-50
 REFERENCE_STEPS = 1000
+FAST_REFERENCE_STEPS = 250
 
 
 def smooth_model() -> BrainLDM:
@@ -99,6 +100,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=4, help="samples averaged (default 4)")
     parser.add_argument("--plot", action="store_true", help="write docs/figures/solver_accuracy_<network>.png")
     parser.add_argument("--no-scan", action="store_true", help="only the table's step counts")
+    parser.add_argument("--fast", action="store_true",
+                        help=f"cheaper: reference DPM-Solver++ 2M with {FAST_REFERENCE_STEPS} steps instead "
+                             "of DDIM-1000, DDIM on the solvers' timesteps only, no scan (the "
+                             "crossing with DDIM-50 interpolated log-log); for the full-size network")
     args = parser.parse_args()
 
     model = smooth_model() if args.network == "smooth" else full_size_model()
@@ -124,6 +129,9 @@ def main() -> None:
     def error(latents: np.ndarray, reference: np.ndarray) -> float:
         return float(np.mean(relative_errors(latents, reference)))
 
+    if args.fast:
+        fast(args, model, run, error)
+        return
     reference = run("ddim", REFERENCE_STEPS)  # 999, 998, …, 0
     reference_980 = timed("ddim 980..0", lambda: _ddim_loop(
         model.unet, ddim_on(model, np.arange(980, -1, -1)), cond, jnp.asarray(noise)))
@@ -173,6 +181,42 @@ def main() -> None:
     }, indent=2) + "\n")
     if args.plot:
         plot(errors, targets, args.network)
+
+
+def fast(args, model: BrainLDM, run, error) -> None:
+    """``--fast``: DDIM on the solvers' timesteps and the solvers vs DPM-Solver++ 2M-250."""
+    reference = run("dpmpp-2m", FAST_REFERENCE_STEPS)
+    keys = ("ddim-same", "dpmpp-2m", "unipc")
+    errors = {key: {steps: error(run(key, steps), reference) for steps in TABLE_STEPS} for key in keys}
+    target = errors["ddim-same"][50]
+
+    def crossing(key: str) -> float | None:
+        """Steps at which the solver's error meets ``target``, log–log between grid points."""
+        points = sorted(errors[key].items())
+        for (n0, e0), (n1, e1) in zip(points, points[1:]):
+            if e0 > target >= e1:
+                return float(np.exp(np.log(n0) + (np.log(e0 / target) / np.log(e0 / e1)) * np.log(n1 / n0)))
+        return None
+
+    titles = {"ddim-same": "DDIM, same timesteps (999, …)", **{k: SCHEDULER_TITLES[k] for k in keys[1:]}}
+    lines = ["| steps (U-Net calls) | " + " | ".join(titles[k] for k in keys) + " |", "|---" * 4 + "|"]
+    lines += [f"| {n} | " + " | ".join(f"{errors[k][n]:.2e}" for k in keys) + " |" for n in TABLE_STEPS]
+    summary = [f"network: {args.network}, latent {model.latent_shape()}, {args.seeds} seeds; errors vs "
+               f"DPM-Solver++ 2M-{FAST_REFERENCE_STEPS}; DDIM-50 (same timesteps): {target:.2e}"]
+    matches = {key: crossing(key) for key in keys[1:]}
+    summary += [f"  {SCHEDULER_TITLES[k]} reaches it at ≈ {m:.1f} steps ({m / 50:.2f}× DDIM-50's U-Net calls)"
+                if m else f"  {SCHEDULER_TITLES[k]}: no crossing in 5–50" for k, m in matches.items()]
+    text = "\n".join(lines + [""] + summary)
+    print(text)
+    results = HERE / "results"
+    results.mkdir(exist_ok=True)
+    stem = results / f"solver_accuracy_{args.network}_fast"
+    stem.with_suffix(".md").write_text(text + "\n")
+    stem.with_suffix(".json").write_text(json.dumps({
+        "network": args.network, "latent_shape": list(model.latent_shape()), "seeds": args.seeds,
+        "reference": f"dpmpp-2m-{FAST_REFERENCE_STEPS}", "errors": errors, "target": target,
+        "matches": matches, "jax": jax.__version__,
+    }, indent=2) + "\n")
 
 
 def plot(errors: dict[str, dict[int, float]], targets: dict[str, float], network: str) -> None:

@@ -121,6 +121,16 @@ def test_bids_app_counterfactuals_refuse_another_scheduler_in_one_line(
     assert "--scheduler unipc" in done.err and "DDIM" in done.err
 
 
+def test_bids_app_solver_with_as_many_steps_as_training_steps_is_refused_in_one_line(
+    tmp_path, tmp_path_factory, tiny_model
+):
+    dataset, _ = completed_output(tmp_path_factory, tiny_model)
+    done = app(dataset, tmp_path / "out", "participant", "--model", tiny_model,
+               "--num-inference-steps", 1000, "--scheduler", "dpmpp-2m")
+    assert done.code == 2 and len(done.err_lines) == 1, done.err
+    assert "accepted 1 to 999" in done.err
+
+
 def test_bids_app_help_names_the_schedulers_and_says_counterfactuals_stay_ddim():
     done = app("--help")
     assert done.code == 0
