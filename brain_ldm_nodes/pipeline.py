@@ -407,7 +407,7 @@ class BrainLDM:
                 timesteps 980, 960, …, 0 for 50 steps, bitwise the released behaviour per seed.
                 ``"dpmpp-2m"`` (DPM-Solver++ 2M) or ``"unipc"`` (UniPC-2M, bh2): the same
                 probability-flow ODE to second order, as diffusers' schedulers with diffusers'
-                default ``"linspace"`` timesteps (999, …); ≈ DDIM-50's accuracy in ≈ 15–20
+                default ``"linspace"`` timesteps (999, …); ≈ DDIM-50's accuracy in ≈ 16–21
                 steps (README "Faster samplers").
 
         Returns:

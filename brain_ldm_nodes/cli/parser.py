@@ -198,7 +198,7 @@ def get_parser() -> argparse.ArgumentParser:
                        help="sampler of the synthetic images: ddim (default; the bundle's, 50 "
                             "steps reproduce the released model), or a multistep ODE solver, "
                             "dpmpp-2m (DPM-Solver++ 2M) or unipc (UniPC-2M), about as accurate "
-                            "as DDIM-50 in 15-20 steps (README 'Faster samplers'); recorded in "
+                            "as DDIM-50 in 16-21 steps (README 'Faster samplers'); recorded in "
                             "each sidecar (Sampler.Name), and a different one makes a different "
                             "image. Inversion and counterfactuals always use DDIM")
 

@@ -53,7 +53,7 @@ class _SampleT1wInputSpec(BaseInterfaceInputSpec):
         *SCHEDULERS, usedefault=True,
         desc="sampler: 'ddim' (default; the bundle's, bitwise the released behaviour at 50 steps), "
         "'dpmpp-2m' (DPM-Solver++ 2M) or 'unipc' (UniPC-2M): multistep ODE solvers, about as "
-        "accurate as DDIM-50 in 15-20 steps (README 'Faster samplers')",
+        "accurate as DDIM-50 in 16-21 steps (README 'Faster samplers')",
     )
     model = model_trait()
     revision = revision_trait()

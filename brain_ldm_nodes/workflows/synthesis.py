@@ -48,7 +48,7 @@ def init_synthesis_wf(
         Sampler steps = U-Net calls (50 upstream, DDIM).
     scheduler
         ``"ddim"`` (default, the bundle's sampler), ``"dpmpp-2m"`` or ``"unipc"``
-        (multistep ODE solvers: DDIM-50's accuracy in about 15-20 steps); see
+        (multistep ODE solvers: DDIM-50's accuracy in about 16-21 steps); see
         ``BrainLDM.sample_latents``.
     image_shape
         Output grid ``(D, H, W)`` in 1 mm voxels, multiples of 32 for the released model;
