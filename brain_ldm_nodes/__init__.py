@@ -22,6 +22,7 @@ _EXPORTS = {
     "IMAGE_SHAPE": "pipeline",
     "initial_noise": "pipeline",
     "DDIMSchedulerConfig": "scheduler",
+    "SCHEDULERS": "scheduler_names",
 }
 
 __all__ = sorted([*_EXPORTS, "__version__"])
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .models import AutoencoderKL, AutoencoderKLConfig, DiffusionModelUNet, DiffusionModelUNetConfig
     from .pipeline import CONDITIONING_ORDER, IMAGE_SHAPE, BrainLDM, initial_noise
     from .scheduler import DDIMSchedulerConfig
+    from .scheduler_names import SCHEDULERS
 
 
 def __getattr__(name: str) -> Any:

@@ -59,6 +59,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._version import __version__
 from .imaging import atomic_write, write_json
+from .scheduler_names import SCHEDULER_METHODS, SCHEDULER_TITLES, check_scheduler
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps pybids out of this module's imports
     from .bids import Participant, ParticipantsTable
@@ -266,12 +267,14 @@ IMAGE_KEYS: tuple[tuple[str, ...], ...] = (
     ("Seed",),
     ("Sampler", "NumInferenceSteps"),
     ("Sampler", "Scheduler"),
+    ("Sampler", "Method"),  # --scheduler: what ran (DDIM sidecars have always carried it)
     ("Model", "Source", "model", "weights_sha256"),
     ("Model", "Source", "vae", "weights_sha256"),
     ("Grid", "Shape"),
 )
 #: Sidecar keys that only describe the image: a difference means rewriting the sidecar.
 METADATA_KEYS: tuple[tuple[str, ...], ...] = (
+    ("Sampler", "Name"),  # the --scheduler name (absent from sidecars before it existed)
     ("Conditioning", "Derivation"),
     ("Conditioning", "OutsideUnitRange"),
     ("Demographics",),
@@ -300,6 +303,8 @@ class ImageRequest:
     tsv_name: str = "participants.tsv"
     #: A point of a conditioning sweep (``index`` 0: the seed of the participant's image 0).
     sweep: SweepPoint | None = None
+    #: The sampler (``brain_ldm_nodes.scheduler_names.SCHEDULERS``): ``--scheduler``.
+    scheduler: str = "ddim"
 
     image_keys = property(lambda self: IMAGE_KEYS)
     metadata_keys = property(
@@ -313,6 +318,7 @@ class ImageRequest:
             raise ValueError(f"sample index {self.index} is outside 0..{self.n_samples - 1}")
         if self.sweep is not None and self.index != 0:
             raise ValueError("a sweep uses the seed of image 0 (index 0)")
+        check_scheduler(self.scheduler)
 
     @property
     def label(self) -> str:
@@ -356,7 +362,8 @@ class ImageRequest:
 
     @property
     def start_message(self) -> str:
-        return f"{self.title} (seed {self.seed}): sampling, {self.num_inference_steps} DDIM steps"
+        steps, sampler = self.num_inference_steps, SCHEDULER_TITLES[self.scheduler]
+        return f"{self.title} (seed {self.seed}): sampling, {steps} {sampler} steps"
 
     def extra_metadata(self) -> dict[str, Any]:
         """Sidecar keys added to :func:`~brain_ldm_nodes.provenance.synthesis_sidecar`'s.
@@ -391,6 +398,8 @@ class ImageRequest:
             ("Seed",): self.seed,
             ("Sampler", "NumInferenceSteps"): self.num_inference_steps,
             ("Sampler", "Scheduler"): _json_normal(self.model.scheduler),
+            ("Sampler", "Method"): SCHEDULER_METHODS[self.scheduler],
+            ("Sampler", "Name"): self.scheduler,
             ("Model", "Source", "model", "weights_sha256"): self.model.unet_sha256,
             ("Model", "Source", "vae", "weights_sha256"): self.model.vae_sha256,
             ("Grid", "Shape"): list(self.model.image_shape),
@@ -413,8 +422,10 @@ def plan_images(
     base_seed: int,
     num_inference_steps: int,
     model: ModelIdentity,
+    scheduler: str = "ddim",
 ) -> list[ImageRequest]:
-    """Every image of every usable participant of ``table``, in label then sample order."""
+    """Every image of every usable participant of ``table``, in label then sample order,
+    sampled by ``scheduler``."""
     if n_samples < 1:
         raise ValueError(f"n_samples must be ≥ 1, got {n_samples}")
     policy = table.policy.to_dict()
@@ -429,6 +440,7 @@ def plan_images(
             columns=dict(table.columns),
             policy=policy,
             tsv_name=table.tsv_path.name,
+            scheduler=scheduler,
         )
         for participant in table.usable
         for index in range(n_samples)
@@ -499,9 +511,10 @@ def plan_sweeps(
     base_seed: int,
     num_inference_steps: int,
     model: ModelIdentity,
+    scheduler: str = "ddim",
 ) -> tuple[list[ImageRequest], list[str]]:
-    """Synthetic sweep images of every usable participant (all from the seed of its image 0)
-    and one-line notes on values left out."""
+    """Synthetic sweep images of every usable participant (all from the seed of its image 0),
+    sampled by ``scheduler``, and one-line notes on values left out."""
     policy = table.policy.to_dict()
     requests, notes = [], []
     for participant in table.usable:
@@ -510,7 +523,7 @@ def plan_sweeps(
                 participant=participant, index=0, n_samples=1, base_seed=base_seed,
                 num_inference_steps=num_inference_steps, model=model,
                 columns=dict(table.columns), policy=policy, tsv_name=table.tsv_path.name,
-                sweep=point,
+                sweep=point, scheduler=scheduler,
             ))
     return requests, notes
 

@@ -157,15 +157,18 @@ def synthesis_sidecar(
     seed: int,
     num_inference_steps: int,
     image_shape: Sequence[int],
+    scheduler: str = "ddim",
 ) -> dict[str, Any]:
-    """JSON sidecar of an image from ``model.sample(conditioning, [seed], ...)``.
+    """JSON sidecar of an image from ``model.sample(conditioning, [seed], ..., scheduler=...)``.
 
     Records the conditioning (values, order, derivation record when it has one, and which
-    values lie outside [0, 1], i.e. extrapolation), the seed and its PRNG mapping, the DDIM
-    settings, the model's source (bundle ids, revisions, weights sha256), software versions and
+    values lie outside [0, 1], i.e. extrapolation), the seed and its PRNG mapping, the sampler
+    (``Sampler.Name`` the ``scheduler`` name, ``Sampler.Method`` what it runs, the β schedule),
+    the model's source (bundle ids, revisions, weights sha256), software versions and
     the grid convention (:func:`grid_convention`).
     """
     from .pipeline import PRNG_IMPL  # imported here: pipeline imports JAX
+    from .scheduler_names import SCHEDULER_METHODS, check_scheduler
 
     values = [float(v) for v in conditioning.values]
     described: dict[str, Any] = {"Values": values, "Order": list(CONDITIONING_ORDER)}
@@ -184,7 +187,8 @@ def synthesis_sidecar(
         "Conditioning": described,
         "Seed": int(seed),
         "Sampler": {
-            "Method": "DDIM, eta = 0",
+            "Name": check_scheduler(scheduler),
+            "Method": SCHEDULER_METHODS[scheduler],
             "NumInferenceSteps": int(num_inference_steps),
             "Scheduler": model.scheduler.to_dict(),
             "InitialNoise": (

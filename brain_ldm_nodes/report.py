@@ -49,7 +49,7 @@ __all__ = [
 SLICE_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7)
 TSV_COLUMNS = (
     "participant_id", "run", "image", "seed", "base_seed", "sample_index",
-    "num_inference_steps", *CONDITIONING_ORDER, "age_years",
+    "num_inference_steps", "scheduler", *CONDITIONING_ORDER, "age_years",
     *(f"raw_{name}" for name in CONDITIONING_ORDER), "outside_unit_range",
     "model_weights_sha256", "kind", "session", "source", "edit", "sweep_field", "sweep_value",
     "reconstruction_error_rms", "reconstruction_error_latent",
@@ -62,7 +62,8 @@ COLUMN_DESCRIPTIONS = {
     "seed": "Seed of the image's starting noise (derived from base_seed, participant, sample)",
     "base_seed": "--seed of the run that made the image",
     "sample_index": "0-based index of the image among the participant's images",
-    "num_inference_steps": "DDIM steps",
+    "num_inference_steps": "Sampler steps (U-Net calls)",
+    "scheduler": "Sampler (--scheduler): ddim, dpmpp-2m or unipc; counterfactuals are always ddim",
     "sex": "Normalised conditioning: 0 = female, 1 = male",
     "age": "Normalised conditioning: (age_years - 44) / 38 by default",
     "ventricular_volume": "Normalised conditioning: ventricular CSF volume, [0, 1]",
@@ -236,6 +237,8 @@ def image_rows(images: Iterable[GeneratedImage]) -> list[dict[str, str]]:
             "base_seed": seeds.get("BaseSeed"),
             "sample_index": seeds.get("SampleIndex"),
             "num_inference_steps": (sidecar.get("Sampler") or {}).get("NumInferenceSteps"),
+            # Sidecars from before --scheduler (and counterfactuals') have no Name: DDIM.
+            "scheduler": (sidecar.get("Sampler") or {}).get("Name", "ddim"),
             **{name: values.get(name) for name in CONDITIONING_ORDER},
             "age_years": (derivation.get("age") or {}).get("age_years"),
             **{f"raw_{name}": _raw_cell(derivation.get(name) or {})

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .._version import __version__
+from ..scheduler_names import SCHEDULER_TITLES
 from .parser import get_parser
 
 PROG = "brain-ldm-bids"
@@ -454,10 +455,27 @@ def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list
                                     sweeps=sweeps, num_inference_steps=steps, model=identity,
                                     t1w_space=args.t1w_space, output_spaces=output_spaces)
     requests = plan_images(table, n_samples=args.n_samples, base_seed=args.seed,
-                           num_inference_steps=steps, model=identity)
+                           num_inference_steps=steps, model=identity, scheduler=args.scheduler)
     swept, notes = plan_sweeps(table, sweeps, base_seed=args.seed, num_inference_steps=steps,
-                               model=identity)
+                               model=identity, scheduler=args.scheduler)
     return requests + swept, notes
+
+
+def _check_scheduler_args(args, num_train_timesteps: int) -> None:
+    """--scheduler: counterfactuals are DDIM only; the multistep solvers need distinct
+    timesteps (at most num_train_timesteps − 1 steps)."""
+    if args.scheduler == "ddim":
+        return
+    if args.counterfactual is not None:
+        raise UsageError(
+            f"--scheduler {args.scheduler}: counterfactuals (--counterfactual) always use DDIM "
+            "(no inverse of the other samplers is implemented); drop --scheduler"
+        )
+    if args.num_inference_steps >= num_train_timesteps:
+        raise UsageError(
+            f"--num-inference-steps {args.num_inference_steps} with --scheduler {args.scheduler}: "
+            f"accepted 1 to {num_train_timesteps - 1} (the solver's timesteps must be distinct)"
+        )
 
 
 def run_participant_level(args) -> int:
@@ -534,11 +552,12 @@ def run_participant_level(args) -> int:
             f"{identity.num_train_timesteps} timesteps "
             f"(accepted: 1 to {identity.num_train_timesteps})"
         )
+    _check_scheduler_args(args, identity.num_train_timesteps)
     if args.revision and Path(identity.model).is_dir():
         log.info("note: --revision is ignored for a bundle folder (%s)", identity.model)
-    log.info("model %s: weights sha256 %s, grid %s; %d DDIM steps, base seed %d",
-             identity.model, identity.unet_sha256[:12],
-             "x".join(map(str, identity.image_shape)), args.num_inference_steps, args.seed)
+    log.info("model %s: weights sha256 %s, grid %s; %d %s steps, base seed %d",
+             identity.model, identity.unet_sha256[:12], "x".join(map(str, identity.image_shape)),
+             args.num_inference_steps, SCHEDULER_TITLES[args.scheduler], args.seed)
 
     output_dir = prepare_output_dir(output_dir)
     labels = [participant.label for participant in table.usable]

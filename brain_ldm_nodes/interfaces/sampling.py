@@ -18,11 +18,12 @@ from nipype.interfaces.base import (
 from ..demographics import Conditioning
 from ..imaging import save_t1w, write_json
 from ..provenance import read_conditioning, synthesis_sidecar
+from ..scheduler_names import SCHEDULER_TITLES, SCHEDULERS
 from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
 
 #: Largest seed: JAX's threefry keys hold 32 bits (larger seeds would silently wrap around).
 MAX_SEED = 2**32 - 1
-#: ``"<out_prefix>: DDIM step k/N"`` lines while sampling, about ten per image, at INFO. It has
+#: ``"<out_prefix>: DDIM step k/N"`` (or another sampler's name) lines while sampling, about ten per image, at INFO. It has
 #: no handler: silent unless an application (e.g. brain-ldm-bids) attaches one.
 progress_log = logging.getLogger("brain_ldm_nodes.progress")
 _CONDITIONING_XOR = ["conditioning", "conditioning_file"]  # exactly one of them
@@ -45,7 +46,14 @@ class _SampleT1wInputSpec(BaseInterfaceInputSpec):
     )
     num_inference_steps = traits.Range(
         low=1, high=1000, value=50, usedefault=True,
-        desc="DDIM steps, 1 to the scheduler's training steps (1000); 50 upstream",
+        desc="sampler steps (U-Net calls), 1 to the scheduler's training steps (1000; 999 for "
+        "the multistep solvers); 50 upstream (DDIM)",
+    )
+    scheduler = traits.Enum(
+        *SCHEDULERS, usedefault=True,
+        desc="sampler: 'ddim' (default; the bundle's, bitwise the released behaviour at 50 steps), "
+        "'dpmpp-2m' (DPM-Solver++ 2M) or 'unipc' (UniPC-2M): multistep ODE solvers, about as "
+        "accurate as DDIM-50 in 16-21 steps (README 'Faster samplers')",
     )
     model = model_trait()
     revision = revision_trait()
@@ -69,13 +77,14 @@ class _SampleT1wOutputSpec(TraitedSpec):
     )
     out_sidecar = File(
         exists=True,
-        desc="JSON sidecar: conditioning and its derivation, seed, DDIM settings, model "
+        desc="JSON sidecar: conditioning and its derivation, seed, sampler settings, model "
         "source and sha256, software versions, grid convention, Synthetic: true",
     )
 
 
 class SampleT1w(SimpleInterface):
-    """Sample one synthetic T1w image with the Brain LDM (``BrainLDM.sample``, DDIM, eta = 0).
+    """Sample one synthetic T1w image with the Brain LDM (``BrainLDM.sample``; DDIM, eta = 0, or
+    the multistep solver named by ``scheduler``).
 
     The image depends only on (weights, conditioning, seed, steps, scheduler, JAX version):
     re-running with the same inputs reproduces it bitwise.
@@ -93,14 +102,16 @@ class SampleT1w(SimpleInterface):
         shape = self.inputs.image_shape if isdefined(self.inputs.image_shape) else model.image_shape
         steps, seed = self.inputs.num_inference_steps, self.inputs.seed
         every, name = max(1, steps // 10), self.inputs.out_prefix
+        scheduler = self.inputs.scheduler
+        title = SCHEDULER_TITLES[scheduler]
 
         def progress(step: int, total: int) -> None:
             if step % every == 0 or step == total:
-                progress_log.info("%s: DDIM step %d/%d", name, step, total)
+                progress_log.info("%s: %s step %d/%d", name, title, step, total)
 
         image = model.sample(
             conditioning.as_array()[None], [seed], num_inference_steps=steps, image_shape=shape,
-            progress=progress,
+            progress=progress, scheduler=scheduler,
         )
         stem = Path(runtime.cwd) / self.inputs.out_prefix
         out_file = save_t1w(
@@ -108,7 +119,7 @@ class SampleT1w(SimpleInterface):
         )
         sidecar = synthesis_sidecar(
             model, conditioning=conditioning, seed=seed, num_inference_steps=steps,
-            image_shape=shape,
+            image_shape=shape, scheduler=scheduler,
         )
         self._results["out_file"] = str(out_file)
         self._results["out_sidecar"] = str(write_json(sidecar, f"{stem}.json"))

@@ -132,6 +132,7 @@ def init_single_subject_wf(
                 conditioning_file=str(conditioning_files[request.conditioning_key]),
                 seed=request.seed,
                 num_inference_steps=request.num_inference_steps,
+                scheduler=request.scheduler,
                 model=request.model.model,
                 model_checksum=request.model.checksum,
                 out_prefix=request.stem,
