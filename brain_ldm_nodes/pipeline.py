@@ -130,11 +130,12 @@ def _solver_update(
     example at ``row.timestep``, then ``step(ε, z, state, row)`` (static: one of
     :data:`brain_ldm_nodes.solvers.SOLVERS`' steps). Returns ``(z_next, state_next)``."""
 
+    unet = with_numerics(unet, operand_dtype=precision)
+
     def predict_noise(latent: Array, cond: Array) -> Array:
         return unet(_model_input(latent, cond), row.timesteps, cond[None, :])
 
-    with operand_dtype(precision):
-        eps = jax.vmap(predict_noise)(latents, conditioning)
+    eps = jax.vmap(predict_noise)(latents, conditioning)
     return step(eps, latents, state, row)
 
 

@@ -10,7 +10,6 @@ once), a wrong timestep, order or coefficient ≥ 1e-3.
 
 from __future__ import annotations
 
-import dataclasses
 
 import equinox as eqx
 import jax

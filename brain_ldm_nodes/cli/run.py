@@ -479,7 +479,7 @@ def _check_scheduler_args(args, num_train_timesteps: int) -> None:
 
 
 def run_participant_level(args) -> int:
-    from ..bids import BidsConfig, BidsDatasetError, load_layout, read_participants
+    from ..bids import BidsDatasetError, load_layout, read_participants
     from ..compilation_cache import use_compilation_cache
     from ..derivatives import (
         ParticipantLocks,
