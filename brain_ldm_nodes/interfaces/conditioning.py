@@ -21,7 +21,9 @@ _MISSING = "'n/a' (or '') means missing: the policy's defaults apply, else an er
 _VOLUME = (
     "{what}: mm^3 if > 1 (min-max scaled over the policy's {name}_range_mm3, an approximation: "
     "the upstream mm^3 -> [0, 1] mapping is unpublished), or already normalised if in [0, 1] "
-    f"(used as given); {_MISSING}"
+    "(used as given); 'n/a' (or '') means missing: the policy's default (the MONAI bundle's "
+    "{default} unless policy_file sets another) is "
+    "used and recorded, unless the policy's missing_volumes is 'error'"
 )
 
 
@@ -39,20 +41,23 @@ class _NormaliseDemographicsInputSpec(BaseInterfaceInputSpec):
     )
     ventricular_volume = traits.Either(
         traits.Float, traits.Str, mandatory=True,
-        desc=_VOLUME.format(what="ventricular CSF volume", name="ventricular_volume"),
+        desc=_VOLUME.format(what="ventricular CSF volume", name="ventricular_volume",
+                             default=0.2),
     )
     brain_volume = traits.Either(
         traits.Float, traits.Str, mandatory=True,
         desc=_VOLUME.format(
-            what="grey + white matter volume normalised for head size", name="brain_volume"
+            what="grey + white matter volume normalised for head size", name="brain_volume",
+            default=0.4,
         ),
     )
     policy_file = File(
         exists=True,
         desc="JSON object of DemographicsPolicy fields (sex_codes, age_min_years, age_max_years "
         "[years], ventricular_volume_range_mm3, brain_volume_range_mm3 [mm^3, [low, high]], "
-        "out_of_range, age_range_policy, age_open_ended_policy, defaults [normalised, 0-1]); "
-        "default: the upstream policy (ages 44-82 years, no mm^3 ranges, no defaults)",
+        "out_of_range, missing_volumes, age_range_policy, age_open_ended_policy, defaults "
+        "[normalised, 0-1]); default: the upstream policy (ages 44-82 years, no mm^3 ranges, "
+        "missing volumes take the bundle defaults 0.2 / 0.4)",
     )
     out_of_range = traits.Enum(
         "error", "clip", "allow",
