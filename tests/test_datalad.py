@@ -78,7 +78,9 @@ def participant(dataset: Path, out: Path, model: Path, *extra: object):
 def test_every_mode_on_a_retrieved_annexed_dataset_names_the_bids_paths(annexed, tiny_model,
                                                                         tmp_path):
     full = annexed["full"]
-    counterfactual = ["--counterfactual", "age=+10", "--sweep", "age=50:60:10"]
+    # the toy T1w images (16³ phantoms) cannot be registered to MNI: conform them instead
+    counterfactual = ["--counterfactual", "age=+10", "--sweep", "age=50:60:10",
+                      "--t1w-space", "conform"]
     runs = {"counterfactual": counterfactual, "synthetic": ["--sweep", "age=50:60:10"]}
     for name, extra in runs.items():
         out = tmp_path / name
@@ -110,7 +112,8 @@ def test_every_mode_on_a_retrieved_annexed_dataset_names_the_bids_paths(annexed,
 def test_unretrieved_images_are_skipped_with_one_line_each(annexed, tiny_model, tmp_path):
     partial = annexed["partial"]
     out = tmp_path / "out"
-    done = participant(partial, out, tiny_model, "--counterfactual", "age=+10")
+    done = participant(partial, out, tiny_model, "--counterfactual", "age=+10",
+                       "--t1w-space", "conform")
     assert done.code == 0, done.err + done.out[-3000:]
     for relative in (T1W_02, T1W_02.replace("run-1", "run-2")):
         lines = [line for line in done.out.splitlines() if relative in line]

@@ -44,7 +44,7 @@ def test_quick_start_runs_as_written(tmp_path):
     """The bash line makes the bundle the Python block loads by its relative name."""
     (tmp_path / "workflows").symlink_to(REPO / "workflows")  # "from the repository's root"
     bash = readme_block("bash", "make_tiny_bundle.py converted/brain_ldm.1")
-    python = readme_block("python", "model.sample(conditioning, seeds=[42]")
+    python = readme_block("python", "seeds=[42], num_inference_steps=50)")
     python += "\nassert images.shape == (1, 1, 32, 32, 32), images.shape\nprint('quick start ok')\n"
     # before the bundle exists: a folder-like name is a missing folder, not a Hub repo
     done = subprocess.run([sys.executable, "-c", python], cwd=tmp_path, env=environment(),
