@@ -8,6 +8,7 @@ persistent JAX compilation cache, and MultiProc workers start by forkserver.
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -125,12 +126,21 @@ def test_ds_minimal_participant_then_group_is_a_valid_derivative_with_reproducib
     for label, (raw, conditioning) in MINIMAL.items():
         for index in (0, 1):
             sidecar = sidecar_of(out, label, index + 1)
-            seed = derive_seed(0, label, index)
+            # the documented formula, computed here by hand (not by derive_seed)
+            digest = hashlib.sha256(f"0:{label}:{index}".encode()).digest()
+            seed = int.from_bytes(digest[:4], "big")
+            assert seed == derive_seed(0, label, index)
             assert sidecar["Synthetic"] is True and sidecar["SkullStripped"] is False
             assert sidecar["Seed"] == seed
-            assert sidecar["SeedDerivation"] == {
+            derivation = sidecar["SeedDerivation"]
+            assert derivation == {
                 "BaseSeed": 0, "Participant": label, "SampleIndex": index,
-                "Formula": sidecar["SeedDerivation"]["Formula"]}
+                "Formula": ("int.from_bytes(hashlib.sha256(f'{BaseSeed}:{Participant}:"
+                            "{SampleIndex}'.encode()).digest()[:4], 'big')")}
+            # the recorded formula reproduces the seed from the recorded values alone
+            assert eval(derivation["Formula"], {"hashlib": hashlib}, {  # noqa: S307
+                key: derivation[key] for key in ("BaseSeed", "Participant", "SampleIndex")
+            }) == seed
             assert sidecar["Conditioning"]["Values"] == conditioning
             assert sidecar["Conditioning"]["Derivation"]["age"]["raw"] == raw["age"]
             assert sidecar["Demographics"]["Values"] == raw

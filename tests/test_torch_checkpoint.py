@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - the oracle: its absence must fail, not skip
 
 from brain_ldm_nodes.weights.torch_checkpoint import (  # noqa: E402
     CheckpointError,
