@@ -31,13 +31,9 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any, Literal
 
-from .demographics import (
-    CONDITIONING_ORDER,
-    Conditioning,
-    DemographicsError,
-    DemographicsPolicy,
-    _apply_range_policy,
-)
+from .conditioning import CONDITIONING_ORDER, Conditioning, DemographicsError
+from .demographics import DemographicsPolicy
+from .demographics.normalise import _apply_range_policy
 
 __all__ = [
     "MAX_SWEEP_VALUES",

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, PRNGKeyArray
 
-from .demographics import CONDITIONING_ORDER  # order of the four values (UPSTREAM.md §1)
+from .conditioning import CONDITIONING_ORDER  # order of the four values (UPSTREAM.md §1)
+from .grid import MODEL_GRID_SHAPE as IMAGE_SHAPE  # the released model's grid (voxels, 1 mm, LAS)
 from .models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .models.layers import with_numerics
 from .models.streaming import decode_streaming, decode_streaming_layout_ok
@@ -35,8 +36,6 @@ from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_inverse_step, ddim_
 from .scheduler_names import SCHEDULERS, check_scheduler  # "ddim" and the solvers' names
 from .solvers import SOLVERS, Solver, initial_state, table_row
 
-#: The released model's image grid (voxels, 1 mm, LAS).
-IMAGE_SHAPE = (160, 224, 160)
 #: Values of the ``precision`` argument of the sampling methods (float32 is the reference).
 PRECISIONS = ("float32", "bfloat16")
 #: The PRNG implementation seeds are mapped with; fixed so results do not follow JAX defaults.

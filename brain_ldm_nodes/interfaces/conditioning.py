@@ -14,7 +14,8 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..demographics import CONDITIONING_ORDER, DemographicsPolicy, normalise_demographics
+from ..conditioning import CONDITIONING_ORDER
+from ..demographics import DemographicsPolicy, normalise_demographics
 from ..provenance import write_conditioning
 
 _MISSING = "'n/a' (or '') means missing: the policy's defaults apply, else an error"

@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..demographics import Conditioning
+from ..conditioning import Conditioning
 from ..imaging import save_latent, save_t1w, write_json
 from ..provenance import counterfactual_sidecar, read_conditioning, reconstruction_error
 from ._common import (

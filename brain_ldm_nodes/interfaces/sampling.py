@@ -15,7 +15,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..demographics import Conditioning
+from ..conditioning import Conditioning
 from ..imaging import save_t1w, write_json
 from ..provenance import read_conditioning, synthesis_sidecar
 from ..scheduler_names import SCHEDULER_TITLES, SCHEDULERS
