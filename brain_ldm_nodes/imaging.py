@@ -59,6 +59,7 @@ __all__ = [
     "save_latent",
     "load_latent",
     "conform_t1w",
+    "resample_to_grid",
     "scale_minmax",
 ]
 
@@ -199,6 +200,25 @@ def _write_nifti(image: nib.Nifti1Image, path: Path) -> Path:
     return atomic_write(path, write_gzip)
 
 
+def _array_to_write(
+    array: np.ndarray, path: str | os.PathLike[str], *, ndim: int, caller: str, expects: str,
+    what: str,
+) -> tuple[Path, np.ndarray]:
+    """``(Path(path), array)`` once both can be written: a NIfTI file name, ``ndim`` axes
+    (``expects`` says which, e.g. "a 3-D array (X, Y, Z)"), real and finite values; else a
+    ``ValueError`` naming ``caller``, the file and what was wrong (the ``what``)."""
+    target = Path(path)
+    _nifti_suffix(target)
+    data = np.asarray(array)
+    if data.ndim != ndim:
+        raise ValueError(f"{caller} expects {expects}; got shape {tuple(data.shape)} for {target}")
+    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
+        raise ValueError(f"{caller} expects real numbers; got dtype {data.dtype} for {target}")
+    if not np.all(np.isfinite(data)):
+        raise ValueError(f"refusing to write {target}: the {what} contains NaN or infinite values")
+    return target, data
+
+
 def save_t1w(
     array: np.ndarray,
     path: str | os.PathLike[str],
@@ -214,17 +234,9 @@ def save_t1w(
     ``description`` fills the header's ``descrip`` (ASCII, truncated to 80 bytes).
     Refuses non-3-D arrays and non-finite values (``ValueError``). Returns the path.
     """
-    target = Path(path)
-    _nifti_suffix(target)
-    data = np.asarray(array)
-    if data.ndim != 3:
-        raise ValueError(
-            f"save_t1w expects a 3-D array (X, Y, Z); got shape {tuple(data.shape)} for {target}"
-        )
-    if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):
-        raise ValueError(f"save_t1w expects real numbers; got dtype {data.dtype} for {target}")
-    if not np.all(np.isfinite(data)):
-        raise ValueError(f"refusing to write {target}: the image contains NaN or infinite values")
+    target, data = _array_to_write(
+        array, path, ndim=3, caller="save_t1w", expects="a 3-D array (X, Y, Z)", what="image"
+    )
     affine = model_affine(data.shape) if affine is None else _checked_affine(affine, target)
     return _write_nifti(_nifti_image(data, affine, description), target)
 
@@ -245,16 +257,10 @@ def save_latent(latent: np.ndarray, path: str | os.PathLike[str]) -> Path:
     affine is :func:`latent_affine` (8 mm LAS, centred like the image grid), the
     header's ``intent_name`` is ``brain_ldm_latent``. Atomic; returns the path.
     """
-    target = Path(path)
-    _nifti_suffix(target)
-    data = np.asarray(latent)
-    if data.ndim != 4:
-        raise ValueError(
-            f"save_latent expects a latent of shape (C, d, h, w); got shape {tuple(data.shape)}"
-            f" for {target}"
-        )
-    if not np.all(np.isfinite(data)):
-        raise ValueError(f"refusing to write {target}: the latent contains NaN or infinite values")
+    target, data = _array_to_write(
+        latent, path, ndim=4, caller="save_latent", expects="a latent of shape (C, d, h, w)",
+        what="latent",
+    )
     volume = np.moveaxis(data.astype(np.float32, copy=False), 0, -1)  # (d, h, w, C)
     image = _nifti_image(
         volume,
@@ -348,6 +354,34 @@ def scale_minmax(array: np.ndarray) -> np.ndarray:
     return np.clip((data - low) / (high - low), 0.0, 1.0).astype(np.float32)
 
 
+def resample_to_grid(
+    data: np.ndarray,
+    affine: np.ndarray,
+    shape: Sequence[int],
+    grid_affine: np.ndarray,
+    *,
+    order: int = 1,
+    cval: float | None = None,
+) -> np.ndarray:
+    """Voxels ``data`` (voxel -> world ``affine``) resampled onto the grid ``shape`` whose voxel
+    -> world affine is ``grid_affine`` (both 4 x 4, mm, the same world): float32 ``shape``.
+
+    Spline ``order`` (1 = linear, scipy's); grid points outside the input take ``cval``
+    (default: the input's minimum, so padding scales to 0).
+    """
+    from nibabel.processing import resample_from_to  # imports scipy
+
+    resampled = resample_from_to(
+        nib.Nifti1Image(data, affine),
+        (tuple(int(n) for n in shape), grid_affine),
+        order=order,
+        mode="constant",
+        cval=float(data.min()) if cval is None else cval,
+        out_class=nib.Nifti1Image,
+    )
+    return np.asarray(resampled.dataobj, dtype=np.float32)
+
+
 def conform_t1w(
     img: nib.spatialimages.SpatialImage, *, shape: Sequence[int] = MODEL_GRID_SHAPE
 ) -> tuple[nib.Nifti1Image, dict[str, Any]]:
@@ -380,8 +414,6 @@ def conform_t1w(
     dict for sidecars (source shape, zooms, orientation, obliquity, centre, intensity
     range before scaling, ...).
     """
-    from nibabel.processing import resample_from_to  # imports scipy
-
     out_shape = tuple(int(n) for n in shape)
     if len(out_shape) != 3 or min(out_shape) < 1:
         raise ValueError(f"shape must be three positive voxel counts, got {tuple(shape)}")
@@ -412,15 +444,7 @@ def conform_t1w(
     out_to_las_voxel = from_matvec(step, las_centre - step @ out_centre)
     source_space_affine = las_affine @ out_to_las_voxel  # output voxel -> source world (mm)
 
-    resampled = resample_from_to(
-        nib.Nifti1Image(source_data, source_affine),
-        (out_shape, source_space_affine),
-        order=1,
-        mode="constant",
-        cval=float(source_data.min()),
-        out_class=nib.Nifti1Image,
-    )
-    data = np.asarray(resampled.dataobj, dtype=np.float32)
+    data = resample_to_grid(source_data, source_affine, out_shape, source_space_affine)
     try:
         scaled = scale_minmax(data)
     except ValueError as exc:
