@@ -1,4 +1,4 @@
-"""Traits and helpers shared by the interfaces (the T1w preparation dispatch included)."""
+"""Traits, spec bases and helpers shared by the interfaces (the T1w preparation included)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,18 @@ import os
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
-
-from nipype.interfaces.base import File, isdefined, traits
+from nibabel.affines import voxel_sizes
+from nipype.interfaces.base import BaseInterfaceInputSpec, File, TraitedSpec, isdefined, traits
 from traits.api import TraitError
 
 from ..annex import not_retrieved, retrieve_hint
+from ..conditioning import Conditioning
+from ..grid import MODEL_ORIENTATION
 from ..model_cache import absolute_model_name, get_model
 from ..pipeline import BrainLDM
+from ..provenance import read_conditioning
 
 
 class ModelName(traits.BaseStr):
@@ -64,6 +68,53 @@ def model_checksum_trait() -> traits.Str:
     )
 
 
+class ModelInputSpec(BaseInterfaceInputSpec):
+    """Inputs of every node that runs the model: which model, at which revision, which weights."""
+
+    model = model_trait()
+    revision = revision_trait()
+    model_checksum = model_checksum_trait()
+
+
+def out_prefix_trait(default: str, files: str) -> traits.Str:
+    """The file name stem of a node's outputs; ``files`` lists them, e.g. "<out_prefix>.nii.gz"."""
+    return traits.Str(
+        default, usedefault=True, desc=f"file name stem in the node's working directory: {files}"
+    )
+
+
+# --------------------------------------------------------------------------- conditioning
+
+_VALUES_DESC = (
+    "4 normalised values [sex, age, ventricular_volume, brain_volume], each expected in [0, 1] "
+    "(sex 0 = female, 1 = male; outside [0, 1] is extrapolation)"
+)
+CONDITIONING_FILE_DESC = (
+    "conditioning JSON from NormaliseDemographics / provenance.write_conditioning "
+    "('conditioning', 'order', 'record'); its derivation record goes into the sidecar"
+)
+
+
+def conditioning_traits(xor: list[str], what: str) -> tuple[traits.List, File]:
+    """Two mandatory, mutually exclusive inputs (named by ``xor``) for one conditioning:
+    4 values, or a conditioning JSON file. ``what`` says what the conditioning is for."""
+    values = traits.List(
+        traits.Float, minlen=4, maxlen=4, mandatory=True, xor=xor,
+        desc=f"{what}: {_VALUES_DESC}",
+    )
+    file = File(
+        exists=True, mandatory=True, xor=xor, desc=f"{what}, as a file: {CONDITIONING_FILE_DESC}"
+    )
+    return values, file
+
+
+def conditioning_input(values: object, path: object) -> Conditioning:
+    """The conditioning of a :func:`conditioning_traits` pair: the file if set, else the values."""
+    if isdefined(path):
+        return read_conditioning(path)
+    return Conditioning(tuple(values))
+
+
 def model_checksum(model: BrainLDM) -> str | None:
     """``'<U-Net sha256>:<autoencoder sha256>'`` of a model loaded from bundles, else ``None``."""
     try:
@@ -108,6 +159,59 @@ def t1w_space_trait() -> traits.Enum:
     )
 
 
+class PreparedT1wOutputSpec(TraitedSpec):
+    """The files :func:`prepare_t1w` writes, as outputs."""
+
+    out_conformed = File(
+        exists=True,
+        desc="the input on the model grid (registered, or conformed; not for t1w_space="
+        "'model-grid') that was encoded: 3-D float32 NIfTI in [0, 1], 1 mm LAS",
+    )
+    out_transform = File(
+        exists=True,
+        desc="ITK text transform (MNI152 -> source world; BIDS from-T1w_to-MNI152NLin2009aSym"
+        "_mode-image_xfm) when t1w_space is 'native' or 'MNI'",
+    )
+    out_registration = File(
+        exists=True, desc="JSON record of the registration (method, template, quality)"
+    )
+
+
+def as_is_encoder_input(
+    img: nib.spatialimages.SpatialImage, multiple: int
+) -> tuple[np.ndarray, dict[str, Any]]:
+    """Voxels of an image already on a model-style grid (``t1w_space='model-grid'``); a record.
+
+    Requires LAS orientation, 1 mm voxels and sizes that are multiples of ``multiple`` (the
+    autoencoder's factor, 8 for the released model); intensities are used as stored (the model
+    expects ~[0, 1]). Raises ``ValueError`` saying which requirement failed.
+    """
+    shape = tuple(int(n) for n in img.shape)
+    orientation = "".join(nib.aff2axcodes(img.affine))
+    zooms = [float(z) for z in voxel_sizes(img.affine)]
+    hint = "; use t1w_space='native' to register it onto the model grid"
+    if orientation != "".join(MODEL_ORIENTATION):
+        raise ValueError(f"t1w_space='model-grid' needs an LAS image, got {orientation}{hint}")
+    if not np.allclose(zooms, 1.0, atol=1e-3):
+        raise ValueError(f"t1w_space='model-grid' needs 1 mm voxels, got {zooms} mm{hint}")
+    if any(size % multiple for size in shape):
+        raise ValueError(
+            f"t1w_space='model-grid' needs sizes that are multiples of {multiple}, got "
+            f"{shape}{hint}"
+        )
+    data = np.asarray(img.dataobj, dtype=np.float32)
+    record = {
+        "method": "none (t1w_space='model-grid'): voxels used as stored, no resampling or "
+        "scaling",
+        "source_shape": list(shape),
+        "source_zooms_mm": zooms,
+        "source_orientation": orientation,
+        "intensity_min": float(data.min()),
+        "intensity_max": float(data.max()),
+    }
+    return data, record
+
+
 def prepare_t1w(
     in_file: str, t1w_space: str, model: BrainLDM, multiple: int, cwd: Path
 ) -> tuple[np.ndarray, dict[str, Any], dict[str, str]]:
@@ -125,7 +229,6 @@ def prepare_t1w(
         resample_to_model_grid,
         write_itk_transform,
     )
-    from .autoencoder import as_is_encoder_input
 
     image = load_t1w(in_file)
     files: dict[str, str] = {}
@@ -155,3 +258,15 @@ def prepare_t1w(
         save_t1w(data, cwd / "conformed_T1w.nii.gz", description="Brain LDM T1w on model grid")
     )
     return data, record, files
+
+
+def model_and_t1w(
+    inputs: object, cwd: Path, *, invertible: bool
+) -> tuple[BrainLDM, np.ndarray, dict[str, Any], dict[str, str]]:
+    """A node's model (:func:`cached_model`) and its ``in_file`` prepared as model input in
+    ``t1w_space`` (:func:`prepare_t1w`): ``(model, data, record, files)``. With
+    ``invertible``, sizes must suit sampling and inversion (multiples of
+    ``model.image_multiple``), else only the autoencoder (its downsampling factor)."""
+    model = cached_model(inputs)
+    multiple = model.image_multiple if invertible else model.vae.config.downsampling_factor
+    return (model, *prepare_t1w(inputs.in_file, inputs.t1w_space, model, multiple, cwd))

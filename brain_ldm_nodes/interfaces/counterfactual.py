@@ -6,41 +6,27 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    isdefined,
-    traits,
-)
+from nipype.interfaces.base import File, SimpleInterface, traits
 
-from ..conditioning import Conditioning
 from ..imaging import save_latent, save_t1w, write_json
 from ..provenance import counterfactual_sidecar, read_conditioning, reconstruction_error
 from ._common import (
+    CONDITIONING_FILE_DESC,
     InputImage,
-    cached_model,
-    model_checksum_trait,
-    model_trait,
-    prepare_t1w,
-    revision_trait,
+    ModelInputSpec,
+    PreparedT1wOutputSpec,
+    conditioning_input,
+    conditioning_traits,
+    model_and_t1w,
+    out_prefix_trait,
     t1w_space_trait,
 )
 
 _FROM_XOR = ["conditioning_from", "conditioning_from_file"]  # exactly one of them
 _TO_XOR = ["conditioning_to", "conditioning_to_file"]  # exactly one of them
-_VALUES_DESC = (
-    "4 normalised values [sex, age, ventricular_volume, brain_volume], each expected in [0, 1] "
-    "(sex 0 = female, 1 = male; outside [0, 1] is extrapolation)"
-)
-_FILE_DESC = (
-    "conditioning JSON from NormaliseDemographics / provenance.write_conditioning "
-    "('conditioning', 'order', 'record'); its derivation record goes into the sidecar"
-)
 
 
-class _CounterfactualT1wInputSpec(BaseInterfaceInputSpec):
+class _CounterfactualT1wInputSpec(ModelInputSpec):
     in_file = InputImage(
         exists=True, mandatory=True,
         desc="the subject's real T1-weighted NIfTI, 3-D (or 4-D with one volume); any "
@@ -48,38 +34,25 @@ class _CounterfactualT1wInputSpec(BaseInterfaceInputSpec):
         "multiples of the model's image_multiple, 32 for the released model, ~[0, 1])",
     )
     t1w_space = t1w_space_trait()
-    conditioning_from = traits.List(
-        traits.Float, minlen=4, maxlen=4, mandatory=True, xor=_FROM_XOR,
-        desc=f"the subject's own conditioning, used for the inversion: {_VALUES_DESC}",
+    conditioning_from, conditioning_from_file = conditioning_traits(
+        _FROM_XOR, "the subject's own conditioning, used for the inversion"
     )
-    conditioning_from_file = File(
-        exists=True, mandatory=True, xor=_FROM_XOR,
-        desc=f"the subject's own conditioning as a file: {_FILE_DESC}",
-    )
-    conditioning_to = traits.List(
-        traits.Float, minlen=4, maxlen=4, mandatory=True, xor=_TO_XOR,
-        desc=f"the counterfactual conditioning, used to sample forward: {_VALUES_DESC}",
-    )
-    conditioning_to_file = File(
-        exists=True, mandatory=True, xor=_TO_XOR,
-        desc=f"the counterfactual conditioning as a file: {_FILE_DESC}",
+    conditioning_to, conditioning_to_file = conditioning_traits(
+        _TO_XOR, "the counterfactual conditioning, used to sample forward"
     )
     num_inference_steps = traits.Range(
         low=1, high=1000, value=50, usedefault=True,
         desc="DDIM steps of both the inversion and the sampling, 1 to the scheduler's "
         "training steps (1000); 50 upstream; more steps, smaller reconstruction error",
     )
-    model = model_trait()
-    revision = revision_trait()
-    model_checksum = model_checksum_trait()
-    out_prefix = traits.Str(
-        "counterfactual_T1w", usedefault=True,
-        desc="file name stem in the node's working directory: <out_prefix>.nii.gz and .json, "
-        "<out_prefix>_reconstruction.nii.gz, <out_prefix>_noise.nii.gz",
+    out_prefix = out_prefix_trait(
+        "counterfactual_T1w",
+        "<out_prefix>.nii.gz and .json, <out_prefix>_reconstruction.nii.gz, "
+        "<out_prefix>_noise.nii.gz",
     )
 
 
-class _CounterfactualT1wOutputSpec(TraitedSpec):
+class _CounterfactualT1wOutputSpec(PreparedT1wOutputSpec):
     out_file = File(
         exists=True,
         desc="counterfactual T1w (regenerated under conditioning_to): 3-D float32 NIfTI, "
@@ -99,21 +72,6 @@ class _CounterfactualT1wOutputSpec(TraitedSpec):
         desc="JSON sidecar: source image and its preparation, both conditionings, DDIM "
         "settings, reconstruction error, model source and sha256, software versions, grid",
     )
-    out_conformed = File(
-        exists=True,
-        desc="the input on the model grid (registered or conformed) that was encoded",
-    )
-    out_transform = File(
-        exists=True,
-        desc="ITK text transform MNI152 -> source world (t1w_space 'native' or 'MNI')",
-    )
-    out_registration = File(exists=True, desc="JSON record of the registration")
-
-
-def _conditioning(values: object, path: object) -> Conditioning:
-    if isdefined(path):
-        return read_conditioning(path)
-    return Conditioning(tuple(values))
 
 
 class CounterfactualT1w(SimpleInterface):
@@ -131,16 +89,14 @@ class CounterfactualT1w(SimpleInterface):
     output_spec = _CounterfactualT1wOutputSpec
 
     def _run_interface(self, runtime):
-        conditioning_from = _conditioning(
+        conditioning_from = conditioning_input(
             self.inputs.conditioning_from, self.inputs.conditioning_from_file
         )
-        conditioning_to = _conditioning(
+        conditioning_to = conditioning_input(
             self.inputs.conditioning_to, self.inputs.conditioning_to_file
         )
-        model = cached_model(self.inputs)
-        data, preparation, files = prepare_t1w(
-            self.inputs.in_file, self.inputs.t1w_space, model, model.image_multiple,
-            Path(runtime.cwd),
+        model, data, preparation, files = model_and_t1w(
+            self.inputs, Path(runtime.cwd), invertible=True
         )
         self._results.update(files)
         steps = self.inputs.num_inference_steps
@@ -176,22 +132,19 @@ class CounterfactualT1w(SimpleInterface):
         return runtime
 
 
-class _CounterfactualSeriesT1wInputSpec(BaseInterfaceInputSpec):
+class _CounterfactualSeriesT1wInputSpec(ModelInputSpec):
     in_file = _CounterfactualT1wInputSpec.class_traits()["in_file"]
     t1w_space = t1w_space_trait()
     conditioning_from_file = File(
         exists=True, mandatory=True,
-        desc=f"the subject's own conditioning, used for the inversion: {_FILE_DESC}",
+        desc=f"the subject's own conditioning, used for the inversion: {CONDITIONING_FILE_DESC}",
     )
     conditioning_to_files = traits.List(
         File(exists=True), minlen=1, mandatory=True,
         desc=f"one conditioning JSON per output image, sampled forward from the same inverted "
-        f"noise: {_FILE_DESC}",
+        f"noise: {CONDITIONING_FILE_DESC}",
     )
     num_inference_steps = _CounterfactualT1wInputSpec.class_traits()["num_inference_steps"]
-    model = model_trait()
-    revision = revision_trait()
-    model_checksum = model_checksum_trait()
     out_prefixes = traits.List(
         traits.Str, minlen=1, mandatory=True,
         desc="one file name stem per conditioning_to_files entry, in the same order: "
@@ -199,7 +152,7 @@ class _CounterfactualSeriesT1wInputSpec(BaseInterfaceInputSpec):
     )
 
 
-class _CounterfactualSeriesT1wOutputSpec(TraitedSpec):
+class _CounterfactualSeriesT1wOutputSpec(PreparedT1wOutputSpec):
     out_files = traits.List(
         File(exists=True),
         desc="one counterfactual T1w per target, in input order: 3-D float32 NIfTI, 1 mm LAS, "
@@ -212,9 +165,6 @@ class _CounterfactualSeriesT1wOutputSpec(TraitedSpec):
     )
     out_reconstruction = _CounterfactualT1wOutputSpec.class_traits()["out_reconstruction"]
     out_noise = _CounterfactualT1wOutputSpec.class_traits()["out_noise"]
-    out_conformed = _CounterfactualT1wOutputSpec.class_traits()["out_conformed"]
-    out_transform = _CounterfactualT1wOutputSpec.class_traits()["out_transform"]
-    out_registration = _CounterfactualT1wOutputSpec.class_traits()["out_registration"]
 
 
 class CounterfactualSeriesT1w(SimpleInterface):
@@ -240,10 +190,8 @@ class CounterfactualSeriesT1w(SimpleInterface):
             )
         own = read_conditioning(self.inputs.conditioning_from_file)
         targets = [read_conditioning(path) for path in self.inputs.conditioning_to_files]
-        model = cached_model(self.inputs)
-        data, preparation, files = prepare_t1w(
-            self.inputs.in_file, self.inputs.t1w_space, model, model.image_multiple,
-            Path(runtime.cwd),
+        model, data, preparation, files = model_and_t1w(
+            self.inputs, Path(runtime.cwd), invertible=True
         )
         self._results.update(files)
         steps = self.inputs.num_inference_steps

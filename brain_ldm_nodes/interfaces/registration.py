@@ -25,6 +25,7 @@ from ..registration import (
     resample_to_source,
     write_itk_transform,
 )
+from ._common import out_prefix_trait
 
 
 class _RegisterT1wInputSpec(BaseInterfaceInputSpec):
@@ -53,10 +54,10 @@ class _RegisterT1wInputSpec(BaseInterfaceInputSpec):
         desc="refuse results whose normalised cross-correlation with the template (inside its "
         "brain mask) is below this (RegistrationError)",
     )
-    out_prefix = traits.Str(
-        "T1w", usedefault=True,
-        desc="file name stem: <out_prefix>_space-grid.nii.gz, <out_prefix>_registration.json "
-        f"and <out_prefix>_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt in the node's folder",
+    out_prefix = out_prefix_trait(
+        "T1w",
+        "<out_prefix>_space-grid.nii.gz, <out_prefix>_registration.json and "
+        f"<out_prefix>_from-T1w_to-{TEMPLATE_NAME}_mode-image_xfm.txt",
     )
 
 
@@ -126,9 +127,7 @@ class _ResampleToSourceInputSpec(BaseInterfaceInputSpec):
         desc="ITK text transform MNI -> source world, as RegisterT1w / VAEEncode / "
         "CounterfactualT1w write it (from-T1w_to-MNI152NLin2009aSym_mode-image_xfm.txt)",
     )
-    out_prefix = traits.Str(
-        "T1w_space-source", usedefault=True, desc="output file stem: <out_prefix>.nii.gz"
-    )
+    out_prefix = out_prefix_trait("T1w_space-source", "<out_prefix>.nii.gz")
 
 
 class _ResampleToSourceOutputSpec(TraitedSpec):

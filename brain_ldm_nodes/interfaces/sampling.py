@@ -6,20 +6,18 @@ import logging
 from pathlib import Path
 
 import numpy as np
-from nipype.interfaces.base import (
-    BaseInterfaceInputSpec,
-    File,
-    SimpleInterface,
-    TraitedSpec,
-    isdefined,
-    traits,
-)
+from nipype.interfaces.base import File, SimpleInterface, TraitedSpec, isdefined, traits
 
-from ..conditioning import Conditioning
 from ..imaging import save_t1w, write_json
-from ..provenance import read_conditioning, synthesis_sidecar
+from ..provenance import synthesis_sidecar
 from ..scheduler_names import SCHEDULER_TITLES, SCHEDULERS
-from ._common import cached_model, model_checksum_trait, model_trait, revision_trait
+from ._common import (
+    ModelInputSpec,
+    cached_model,
+    conditioning_input,
+    conditioning_traits,
+    out_prefix_trait,
+)
 
 #: Largest seed: JAX's threefry keys hold 32 bits (larger seeds would silently wrap around).
 MAX_SEED = 2**32 - 1
@@ -29,16 +27,9 @@ progress_log = logging.getLogger("brain_ldm_nodes.progress")
 _CONDITIONING_XOR = ["conditioning", "conditioning_file"]  # exactly one of them
 
 
-class _SampleT1wInputSpec(BaseInterfaceInputSpec):
-    conditioning = traits.List(
-        traits.Float, minlen=4, maxlen=4, mandatory=True, xor=_CONDITIONING_XOR,
-        desc="4 normalised values [sex, age, ventricular_volume, brain_volume], each expected "
-        "in [0, 1] (sex 0 = female, 1 = male; outside [0, 1] is extrapolation)",
-    )
-    conditioning_file = File(
-        exists=True, mandatory=True, xor=_CONDITIONING_XOR,
-        desc="conditioning JSON from NormaliseDemographics ('conditioning', 'order', 'record'); "
-        "its derivation record goes into the sidecar",
+class _SampleT1wInputSpec(ModelInputSpec):
+    conditioning, conditioning_file = conditioning_traits(
+        _CONDITIONING_XOR, "the conditioning to sample under"
     )
     seed = traits.Range(
         low=0, high=MAX_SEED, mandatory=True,
@@ -55,19 +46,13 @@ class _SampleT1wInputSpec(BaseInterfaceInputSpec):
         "'dpmpp-2m' (DPM-Solver++ 2M) or 'unipc' (UniPC-2M): multistep ODE solvers, about as "
         "accurate as DDIM-50 in 16-21 steps (README 'Faster samplers')",
     )
-    model = model_trait()
-    revision = revision_trait()
-    model_checksum = model_checksum_trait()
     image_shape = traits.Tuple(
         traits.Int, traits.Int, traits.Int,
         desc="output grid (D, H, W) in 1 mm voxels, each a positive multiple of the model's "
         "image_multiple (32 for the released model); default: the model's native grid "
         "(160, 224, 160 for the released model)",
     )
-    out_prefix = traits.Str(
-        "synthetic_T1w", usedefault=True,
-        desc="file name stem in the node's working directory: <out_prefix>.nii.gz and .json",
-    )
+    out_prefix = out_prefix_trait("synthetic_T1w", "<out_prefix>.nii.gz and .json")
 
 
 class _SampleT1wOutputSpec(TraitedSpec):
@@ -94,10 +79,9 @@ class SampleT1w(SimpleInterface):
     output_spec = _SampleT1wOutputSpec
 
     def _run_interface(self, runtime):
-        if isdefined(self.inputs.conditioning_file):
-            conditioning = read_conditioning(self.inputs.conditioning_file)
-        else:
-            conditioning = Conditioning(tuple(self.inputs.conditioning))
+        conditioning = conditioning_input(
+            self.inputs.conditioning, self.inputs.conditioning_file
+        )
         model = cached_model(self.inputs)
         shape = self.inputs.image_shape if isdefined(self.inputs.image_shape) else model.image_shape
         steps, seed = self.inputs.num_inference_steps, self.inputs.seed
