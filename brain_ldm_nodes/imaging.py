@@ -61,6 +61,7 @@ __all__ = [
     "conform_t1w",
     "resample_to_grid",
     "scale_minmax",
+    "volume_shape",
 ]
 
 XFORM_CODE_ALIGNED: int = 2
@@ -304,6 +305,17 @@ def _load_nifti(source: Path) -> nib.Nifti1Image | nib.Nifti2Image:
     return image
 
 
+def volume_shape(image: nib.spatialimages.SpatialImage, expected: str) -> tuple[int, int, int]:
+    """The 3-D shape of ``image``, a 4-D one with a single volume counting as 3-D; else
+    ``ValueError(f"{expected}; got shape ...")``."""
+    shape = tuple(int(n) for n in image.shape)
+    if len(shape) == 4 and shape[3] == 1:
+        shape = shape[:3]
+    if len(shape) != 3:
+        raise ValueError(f"{expected}; got shape {tuple(image.shape)}")
+    return shape  # type: ignore[return-value]
+
+
 def load_t1w(path: str | os.PathLike[str]) -> nib.Nifti1Image | nib.Nifti2Image:
     """Load a 3-D T1-weighted NIfTI (-1 or -2) with its data read into memory.
 
@@ -314,14 +326,7 @@ def load_t1w(path: str | os.PathLike[str]) -> nib.Nifti1Image | nib.Nifti2Image:
     """
     source = Path(path)
     image = _load_nifti(source)
-    shape = tuple(int(n) for n in image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    elif len(shape) != 3:
-        raise ValueError(
-            f"{source}: expected a 3-D image (or 4-D with one volume); "
-            f"got shape {tuple(image.shape)}"
-        )
+    shape = volume_shape(image, f"{source}: expected a 3-D image (or 4-D with one volume)")
     _checked_affine(image.affine, source)
     data = np.asanyarray(image.dataobj).reshape(shape)
     if not np.issubdtype(data.dtype, np.number) or np.issubdtype(data.dtype, np.complexfloating):

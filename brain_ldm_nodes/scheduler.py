@@ -15,6 +15,10 @@ import numpy as np
 from jaxtyping import Array, Float
 
 TimestepSpacing = Literal["leading", "monai-1.6"]
+#: A latent (or a batch of them): any shape, the same for every argument of a step.
+Latent = Float[Array, "*shape"]
+#: One value of the schedule (ᾱ_t, α_t, σ_t, ...) as a 0-d array.
+Scalar = Float[Array, ""]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,26 +130,23 @@ def ddim_tables(config: DDIMSchedulerConfig, num_inference_steps: int) -> DDIMTa
     )
 
 
-def ddim_step(
-    eps: Float[Array, "*shape"],
-    alpha_prod: Float[Array, ""],
-    alpha_prod_prev: Float[Array, ""],
-    sample: Float[Array, "*shape"],
-) -> Float[Array, "*shape"]:
+def data_prediction(eps: Latent, sample: Latent, alpha: Scalar, sigma: Scalar) -> Latent:
+    """x̂₀ = (x − σ_s·ε) / α_s: the clean-sample prediction of an ε-prediction network."""
+    return (sample - sigma * eps) / alpha
+
+
+def ddim_step(eps: Latent, alpha_prod: Scalar, alpha_prod_prev: Scalar, sample: Latent) -> Latent:
     """One deterministic (eta = 0) DDIM step x_t → x_{t_prev} with ε-prediction (UPSTREAM.md §6).
 
     ``x0 = (x − sqrt(1−ᾱ_t)·ε) / sqrt(ᾱ_t)``;  ``x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1−ᾱ_prev)·ε``.
     """
-    x0 = (sample - jnp.sqrt(1 - alpha_prod) * eps) / jnp.sqrt(alpha_prod)
+    x0 = data_prediction(eps, sample, jnp.sqrt(alpha_prod), jnp.sqrt(1 - alpha_prod))
     return jnp.sqrt(alpha_prod_prev) * x0 + jnp.sqrt(1 - alpha_prod_prev) * eps
 
 
 def ddim_inverse_step(
-    eps: Float[Array, "*shape"],
-    alpha_prod: Float[Array, ""],
-    alpha_prod_prev: Float[Array, ""],
-    sample_prev: Float[Array, "*shape"],
-) -> Float[Array, "*shape"]:
+    eps: Latent, alpha_prod: Scalar, alpha_prod_prev: Scalar, sample_prev: Latent
+) -> Latent:
     """The algebraic inverse of :func:`ddim_step` for a given ε: x_{t_prev} → x_t.
 
     ``x0 = (x_prev − sqrt(1−ᾱ_prev)·ε) / sqrt(ᾱ_prev)``;  ``x_t = sqrt(ᾱ_t)·x0 + sqrt(1−ᾱ_t)·ε``.

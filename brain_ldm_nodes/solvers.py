@@ -33,9 +33,9 @@ from typing import Literal, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float
+from jaxtyping import Array
 
-from .scheduler import DDIMSchedulerConfig
+from .scheduler import DDIMSchedulerConfig, Latent, data_prediction
 
 #: Timestep spacings as diffusers names them (Lin et al. 2023, table 2).
 DiffusersSpacing = Literal["linspace", "leading", "trailing"]
@@ -182,22 +182,12 @@ def dpmpp_2m_tables(
     return DPMSolverTables(_column(timesteps, integer=True), *(_column(columns[name]) for name in columns))
 
 
-def data_prediction(
-    eps: Float[Array, "*shape"],
-    sample: Float[Array, "*shape"],
-    alpha: Float[Array, ""],
-    sigma: Float[Array, ""],
-) -> Float[Array, "*shape"]:
-    """x̂₀ = (x − σ_s·ε) / α_s: the clean-sample prediction of an ε-prediction network."""
-    return (sample - sigma * eps) / alpha
-
-
 def dpmpp_2m_step(
-    eps: Float[Array, "*shape"],
-    sample: Float[Array, "*shape"],
-    state: tuple[Float[Array, "*shape"]],
+    eps: Latent,
+    sample: Latent,
+    state: tuple[Latent],
     row: DPMSolverTables,
-) -> tuple[Float[Array, "*shape"], tuple[Float[Array, "*shape"]]]:
+) -> tuple[Latent, tuple[Latent]]:
     """One DPM-Solver++ 2M step (midpoint form) x_s → x_t from ε(x_s, s); ``row`` is one row
     of :class:`DPMSolverTables` (scalars); ``state`` = (x̂₀ of the previous step,).
 
@@ -306,11 +296,11 @@ def unipc_tables(
 
 
 def unipc_step(
-    eps: Float[Array, "*shape"],
-    sample: Float[Array, "*shape"],
-    state: tuple[Float[Array, "*shape"], Float[Array, "*shape"], Float[Array, "*shape"]],
+    eps: Latent,
+    sample: Latent,
+    state: tuple[Latent, Latent, Latent],
     row: UniPCTables,
-) -> tuple[Float[Array, "*shape"], tuple[Float[Array, "*shape"], ...]]:
+) -> tuple[Latent, tuple[Latent, ...]]:
     """One UniPC-2M step from ε(x_s, s): correct x_s (UniC), then predict x_t (UniP).
 
     ``state`` = (the previous step's corrected sample, its x̂₀, the x̂₀ before); ``row`` one row
@@ -343,7 +333,7 @@ SOLVERS: dict[str, Solver] = {
 }
 
 
-def initial_state(solver: Solver, sample: Float[Array, "*shape"]) -> tuple[Float[Array, "*shape"], ...]:
+def initial_state(solver: Solver, sample: Latent) -> tuple[Latent, ...]:
     """The multistep memory before the first step: zeros (first-order steps weight it by 0)."""
     return tuple(jnp.zeros_like(sample) for _ in range(solver.memory))
 

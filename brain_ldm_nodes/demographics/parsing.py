@@ -23,7 +23,6 @@ _AGE_OTHER_UNIT_RE = re.compile(
 )
 
 
-
 def parse_sex(value: object, policy: DemographicsPolicy | None = None) -> float | None:
     """Sex code -> 0.0 (female) / 1.0 (male) via ``policy.sex_codes``; ``None`` if missing.
 

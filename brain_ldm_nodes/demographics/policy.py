@@ -55,7 +55,6 @@ SKIP_KINDS: tuple[str, ...] = (
 """Kinds of :class:`DemographicsError` about a value (``DemographicsError.kind``)."""
 
 
-
 def _range_pair(name: str, value: object) -> tuple[float, float] | None:
     if value is None:
         return None
@@ -68,7 +67,6 @@ def _range_pair(name: str, value: object) -> tuple[float, float] | None:
     if not (math.isfinite(low) and math.isfinite(high) and 0.0 <= low < high):
         raise DemographicsError(f"{name}: need 0 <= low < high (finite, mm^3), got {value!r}")
     return (low, high)
-
 
 
 @dataclass(frozen=True)

@@ -40,6 +40,11 @@ Quality: the normalised cross-correlation (NCC) between the registered image and
 over the template's brain mask. A registration whose NCC stays below ``min_ncc`` (default
 :data:`DEFAULT_MIN_NCC`) raises :class:`RegistrationError` instead of returning a misaligned
 image.
+
+Where things are: :mod:`.template` (the MNI152 template, the grid's place in it, the NCC),
+:mod:`.resample` (:class:`Registration`, resampling onto the model grid with a known transform
+and back onto the source), :mod:`.rigid` (:func:`register_t1w`, SimpleITK), :mod:`.transforms`
+(ITK's LPS convention, ITK transform files).
 """
 
 from __future__ import annotations

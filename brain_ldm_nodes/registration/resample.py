@@ -12,7 +12,7 @@ import numpy as np
 from nibabel.affines import voxel_sizes
 
 from ..grid import MODEL_GRID_SHAPE, model_affine
-from ..imaging import _checked_affine, _nifti_image, resample_to_grid
+from ..imaging import _checked_affine, _nifti_image, resample_to_grid, volume_shape
 from .template import GRID_CENTRE_MNI_MM, _grid_to_template, _ncc, load_template
 
 __all__ = [
@@ -32,7 +32,6 @@ input's field of view cuts part of the brain); misplaced by 5 mm 0.55, by 10 mm 
 20 mm 0.23-0.29; rotated by 10 degrees 0.57, by 15 degrees 0.42-0.48, 15 degrees + 20 mm
 0.20-0.24. Real scans score lower than the template itself (individual anatomy, noise, bias
 field), which is why the gate is not set higher; it is not yet calibrated on real scans."""
-
 
 
 class RegistrationError(ValueError):
@@ -85,7 +84,6 @@ class Registration:
         return self.transform @ self.grid_to_template
 
 
-
 def _scale(data: np.ndarray, intensity: str, percentiles: tuple[float, float]) -> tuple[
     np.ndarray, dict[str, Any]
 ]:
@@ -111,17 +109,9 @@ def _scale(data: np.ndarray, intensity: str, percentiles: tuple[float, float]) -
     return scaled, record
 
 
-
 def _checked_input(image: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, np.ndarray]:
     """Voxels (float32, 3-D) and affine of an input image, or a one-line ``ValueError``."""
-    shape = tuple(int(n) for n in image.shape)
-    if len(shape) == 4 and shape[3] == 1:
-        shape = shape[:3]
-    if len(shape) != 3:
-        raise ValueError(
-            f"register_t1w expects a 3-D T1w image (or 4-D with one volume); got shape "
-            f"{tuple(image.shape)}"
-        )
+    shape = volume_shape(image, "register_t1w expects a 3-D T1w image (or 4-D with one volume)")
     if min(shape) < 2:
         raise ValueError(f"register_t1w expects a 3-D volume, got a single slice {shape}")
     affine = _checked_affine(image.affine, "register_t1w input")
@@ -223,7 +213,6 @@ def _checked_rigid(transform: np.ndarray) -> np.ndarray:
     if not np.allclose(rotation.T @ rotation, np.eye(3), atol=1e-4) or np.linalg.det(rotation) < 0:
         raise ValueError("transform must be rigid (a rotation and a translation)")
     return matrix
-
 
 
 def resample_to_source(

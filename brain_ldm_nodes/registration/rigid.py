@@ -68,7 +68,6 @@ def _head_landmarks(data: np.ndarray, affine: np.ndarray) -> tuple[float, np.nda
     return top, upper[:, :2].mean(axis=0)
 
 
-
 def register_t1w(
     image: nib.spatialimages.SpatialImage,
     shape: Sequence[int] | None = None,

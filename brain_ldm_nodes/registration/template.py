@@ -74,8 +74,6 @@ def load_template() -> tuple[nib.Nifti1Image, dict[str, Any]]:
     return image, record
 
 
-
-
 @functools.lru_cache(maxsize=4)
 def _template_on_grid(shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
     """Template intensities and brain mask resampled onto the model grid ``shape``."""

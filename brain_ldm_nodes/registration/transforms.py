@@ -41,7 +41,6 @@ def _sitk_transform_matrix(transform) -> np.ndarray:
     return from_matvec(matrix, translation + centre - matrix @ centre)
 
 
-
 def write_itk_transform(transform: np.ndarray, path: str | os.PathLike[str]) -> Path:
     """Write a rigid/affine 4 x 4 (RAS+ mm) as an ITK text transform, atomically.
 

@@ -6,7 +6,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces import VAEDecode, VAEEncode
-from .synthesis import FULL_SIZE_MEM_GB
+from ._common import FULL_SIZE_MEM_GB, model_node
 
 
 def init_encode_decode_wf(
@@ -25,10 +25,9 @@ def init_encode_decode_wf(
 
     Parameters
     ----------
-    model
-        ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id.
-    revision
-        Hub branch, tag or commit of ``model`` (ignored for folders).
+    model, revision
+        The Brain LDM: a ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id, and its Hub
+        branch, tag or commit (``None``: the default branch; ignored for folders).
     t1w_space
         Where the input is (``VAEEncode.t1w_space``): ``"native"`` (default) registers it
         rigidly to MNI152 onto the model grid (:func:`brain_ldm_nodes.registration.register_t1w`);
@@ -67,12 +66,13 @@ def init_encode_decode_wf(
     outputnode = pe.Node(
         niu.IdentityInterface(fields=out_fields + prepared + registered), name="outputnode"
     )
-    encode = pe.Node(
-        VAEEncode(model=str(model), t1w_space=t1w_space), name="vae_encode", mem_gb=mem_gb
+    encode = model_node(
+        VAEEncode(model=str(model), t1w_space=t1w_space),
+        name="vae_encode", revision=revision, mem_gb=mem_gb,
     )
-    decode = pe.Node(VAEDecode(model=str(model)), name="vae_decode", mem_gb=mem_gb)
-    if revision is not None:
-        encode.inputs.revision = decode.inputs.revision = revision
+    decode = model_node(
+        VAEDecode(model=str(model)), name="vae_decode", revision=revision, mem_gb=mem_gb
+    )
 
     # fmt: off
     workflow.connect([

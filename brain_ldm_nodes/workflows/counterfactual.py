@@ -6,7 +6,7 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces import CounterfactualT1w, ResampleToSource
-from .synthesis import FULL_SIZE_MEM_GB
+from ._common import FULL_SIZE_MEM_GB, model_node
 
 
 def init_counterfactual_wf(
@@ -32,10 +32,9 @@ def init_counterfactual_wf(
 
     Parameters
     ----------
-    model
-        ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id.
-    revision
-        Hub branch, tag or commit of ``model`` (ignored for folders).
+    model, revision
+        The Brain LDM: a ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id, and its Hub
+        branch, tag or commit (``None``: the default branch; ignored for folders).
     num_inference_steps
         DDIM steps of both the inversion and the sampling (50 upstream); more steps give a
         smaller reconstruction error and take proportionally longer (three passes of steps).
@@ -101,15 +100,12 @@ def init_counterfactual_wf(
         ),
         name="outputnode",
     )
-    counterfactual = pe.Node(
+    counterfactual = model_node(
         CounterfactualT1w(
             model=str(model), t1w_space=t1w_space, num_inference_steps=num_inference_steps
         ),
-        name="counterfactual_t1w",
-        mem_gb=mem_gb,
+        name="counterfactual_t1w", revision=revision, mem_gb=mem_gb,
     )
-    if revision is not None:
-        counterfactual.inputs.revision = revision
 
     # fmt: off
     workflow.connect([

@@ -8,9 +8,9 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces import NormaliseDemographics, SampleT1w
+from ._common import FULL_SIZE_MEM_GB, model_node
 
-#: Peak memory (GB) of one full-size (160 x 224 x 160) sample on CPU (UPSTREAM.md §7: ~10.5 GB).
-FULL_SIZE_MEM_GB = 12.0
+__all__ = ["FULL_SIZE_MEM_GB", "init_synthesis_wf"]
 
 
 def init_synthesis_wf(
@@ -40,10 +40,9 @@ def init_synthesis_wf(
 
     Parameters
     ----------
-    model
-        ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id.
-    revision
-        Hub branch, tag or commit of ``model`` (ignored for folders).
+    model, revision
+        The Brain LDM: a ``brain_ldm.1`` bundle folder or Hugging Face Hub repo id, and its Hub
+        branch, tag or commit (``None``: the default branch; ignored for folders).
     num_inference_steps
         Sampler steps = U-Net calls (50 upstream, DDIM).
     scheduler
@@ -101,13 +100,10 @@ def init_synthesis_wf(
     normalise = pe.Node(NormaliseDemographics(), name="normalise_demographics")
     if out_of_range is not None:
         normalise.inputs.out_of_range = out_of_range
-    sample = pe.Node(
+    sample = model_node(
         SampleT1w(model=str(model), num_inference_steps=num_inference_steps, scheduler=scheduler),
-        name="sample_t1w",
-        mem_gb=mem_gb,
+        name="sample_t1w", revision=revision, mem_gb=mem_gb,
     )
-    if revision is not None:
-        sample.inputs.revision = revision
     if image_shape is not None:
         sample.inputs.image_shape = tuple(int(size) for size in image_shape)
 
