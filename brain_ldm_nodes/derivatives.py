@@ -59,7 +59,9 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ._version import __version__
 from .imaging import atomic_write, write_json
+from .hashing import sha256_of as file_sha256
 from .scheduler_names import SCHEDULER_METHODS, SCHEDULER_TITLES, check_scheduler
+from .weights.identity import ModelIdentity
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps pybids out of this module's imports
     from .bids import Participant, ParticipantsTable
@@ -178,82 +180,6 @@ def sidecar_path(image: str | os.PathLike[str]) -> Path:
 # --------------------------------------------------------------------------- the model
 
 
-@dataclass(frozen=True)
-class ModelIdentity:
-    """What a run needs to know about the model without loading its weights.
-
-    ``model`` is what the nodes load (an absolute bundle folder, or a Hub repo id);
-    the sha256 sums, scheduler and grid come from the bundles' ``config.json``.
-    """
-
-    model: str
-    revision: str | None
-    folder: Path
-    unet_sha256: str
-    vae_sha256: str
-    scheduler: Mapping[str, Any]
-    image_shape: tuple[int, int, int]
-
-    @classmethod
-    def resolve(
-        cls, model: str, revision: str | None = None, *, local_files_only: bool | None = True,
-        verify: bool = True,
-    ) -> ModelIdentity:
-        """Find the ``brain_ldm.1`` bundle and its base VAE bundle; read their configs and,
-        with ``verify``, check each weights file against its sha256 once (hashed only when
-        no verification record says this very file matched; see
-        :func:`brain_ldm_nodes.weights.bundle.verify_weights_file`).
-
-        Raises :class:`brain_ldm_nodes.weights.bundle.BundleError` (one line) when a bundle
-        is missing (not in the Hugging Face cache while offline), not a bundle, of the wrong
-        type, unreadable, or lacks its weights file or its weights do not match.
-        """
-        from .weights import bundle
-
-        candidate = Path(model).expanduser()
-        name = str(candidate.resolve()) if candidate.is_dir() else str(model)
-        folder = bundle.resolve_bundle(name, revision=revision, local_files_only=local_files_only)
-        config = bundle.read_bundle_config(folder)
-        if not isinstance(config, bundle.ModelBundleConfig):
-            raise bundle.BundleError(
-                f"{model}: is a {config.bundle_type} bundle (the autoencoder alone); --model needs "
-                f"a {bundle.MODEL_BUNDLE} bundle, which names the autoencoder as its base"
-            )
-        vae_folder = bundle.resolve_base(folder, config.base, local_files_only=local_files_only)
-        vae_config = bundle.read_bundle_config(vae_folder)
-        if not isinstance(vae_config, bundle.VAEBundleConfig):
-            raise bundle.BundleError(
-                f"{vae_folder}: the base of {model} must be a {bundle.VAE_BUNDLE} bundle, found "
-                f"{vae_config.bundle_type}"
-            )
-        for where, cfg in ((folder, config), (vae_folder, vae_config)):
-            weights = Path(where) / cfg.weights_file
-            try:
-                if not weights.is_file():
-                    raise bundle.BundleError(f"{where}: weights file {cfg.weights_file} is missing")
-                if verify:
-                    bundle.verify_weights_file(weights, cfg.weights_sha256)
-            except PermissionError as error:
-                message = bundle.unreadable_bundle_message(Path(where), error)
-                raise bundle.UnreadableBundleError(message) from None
-        return cls(
-            model=name,
-            revision=revision,
-            folder=Path(folder),
-            unet_sha256=config.weights_sha256,
-            vae_sha256=vae_config.weights_sha256,
-            scheduler=_json_normal(config.scheduler.to_dict()),
-            image_shape=tuple(int(size) for size in config.image_shape),
-        )
-
-    @property
-    def checksum(self) -> str:
-        """``'<U-Net sha256>:<autoencoder sha256>'``: the nodes' ``model_checksum``."""
-        return f"{self.unet_sha256}:{self.vae_sha256}"
-
-    @property
-    def num_train_timesteps(self) -> int:
-        return int(self.scheduler["num_train_timesteps"])
 
 
 # --------------------------------------------------------------------------- requests
@@ -542,13 +468,6 @@ COUNTERFACTUAL_IMAGE_KEYS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def file_sha256(path: str | os.PathLike[str]) -> str:
-    """sha256 of a file's bytes (hex)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 @dataclass(frozen=True)
