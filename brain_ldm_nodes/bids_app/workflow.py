@@ -1,4 +1,4 @@
-"""The BIDS App's workflow: per requested image a publishing node, fed by a sampling node
+"""The BIDS App's Nipype workflow: per requested image a publishing node, fed by a sampling node
 (synthetic images and sweeps) or by one counterfactual node per real T1w (its counterfactuals
 and counterfactual sweep share one DDIM inversion)."""
 
@@ -13,7 +13,6 @@ import networkx as nx
 from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
-from ..derivatives import CounterfactualRequest, ImageRequest
 from ..interfaces import (
     CounterfactualSeriesT1w,
     PublishDerivative,
@@ -22,7 +21,8 @@ from ..interfaces import (
     SampleT1w,
 )
 from ..registration import TEMPLATE_NAME
-from .synthesis import FULL_SIZE_MEM_GB
+from ..workflows.synthesis import FULL_SIZE_MEM_GB
+from .requests import CounterfactualRequest, ImageRequest
 
 
 def init_brain_ldm_bids_wf(
@@ -50,8 +50,8 @@ def init_brain_ldm_bids_wf(
     Parameters
     ----------
     requests
-        The images to make (:func:`brain_ldm_nodes.derivatives.plan_images`, usually only
-        those :func:`~brain_ldm_nodes.derivatives.assess` found missing or outdated).
+        The images to make (:func:`brain_ldm_nodes.bids_app.plan.plan_images`, usually only
+        those :func:`~brain_ldm_nodes.bids_app.resume.assess` found missing or outdated).
     conditioning_files
         Conditioning key -> conditioning JSON
         (:func:`brain_ldm_nodes.provenance.write_conditioning`): every key of every request's
