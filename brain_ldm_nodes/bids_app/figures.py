@@ -11,6 +11,7 @@ import io
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -57,9 +58,7 @@ def render_mosaic(image: str | os.PathLike[str], out_png: str | os.PathLike[str]
     volume = np.asarray(nib.load(image).dataobj, dtype=np.float32)
     if volume.ndim != 3:
         raise ReportError(f"{image}: expected a 3-D image, got shape {volume.shape}")
-    low, high = np.percentile(volume, [0.5, 99.5])
-    if not high > low:
-        high = low + 1.0
+    low, high = _grey_range(volume)
     planes = _planes(volume)
     columns = max(len(slices) for _, slices in planes)
     figure = Figure(figsize=(1.6 * columns, 1.7 * len(planes) + 0.3), facecolor="black")
@@ -73,19 +72,12 @@ def render_mosaic(image: str | os.PathLike[str], out_png: str | os.PathLike[str]
                             interpolation="nearest")
         grid[row][0].text(-0.08, 0.5, plane, color="white", fontsize=8, rotation=90,
                           ha="right", va="center", transform=grid[row][0].transAxes)
-    for row, (left, right) in enumerate([("P", "A"), ("L", "R"), ("L", "R")]):
-        for side, x in ((left, 0.02), (right, 0.9)):
-            grid[row][0].text(x, 0.04, side, color="yellow", fontsize=7,
-                              transform=grid[row][0].transAxes)
+    _sides(grid, right_x=0.9)
     if title:
         figure.suptitle(title, color="white", fontsize=9)
     figure.subplots_adjust(left=0.05, right=0.99, bottom=0.01, top=0.92 if title else 0.99,
                            wspace=0.03, hspace=0.05)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, facecolor="black",
-                   metadata={"Software": f"brain-ldm-nodes {__version__} (matplotlib)"})
-    payload = buffer.getvalue()
-    return atomic_write(out_png, lambda handle: handle.write(payload))
+    return _write_png(figure, out_png)
 
 
 def _middle_slices(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
@@ -112,9 +104,7 @@ def render_strip(images: Sequence[str | os.PathLike[str]], labels: Sequence[str]
     shapes = {volume.shape for volume in volumes}
     if len(shapes) != 1 or len(next(iter(shapes))) != 3:
         raise ReportError(f"render_strip: expected 3-D images of one shape, got {sorted(shapes)}")
-    low, high = np.percentile(np.concatenate([v.ravel() for v in volumes]), [0.5, 99.5])
-    if not high > low:
-        high = low + 1.0
+    low, high = _grey_range(np.concatenate([v.ravel() for v in volumes]))
     columns, rows = len(volumes), 3
     figure = Figure(figsize=(1.5 * columns + 0.4, 1.5 * rows + (0.7 if title else 0.4)),
                     facecolor="black")
@@ -129,15 +119,32 @@ def render_strip(images: Sequence[str | os.PathLike[str]], labels: Sequence[str]
                 axes.text(-0.08, 0.5, plane, color="white", fontsize=8, rotation=90,
                           ha="right", va="center", transform=axes.transAxes)
         grid[0][column].set_title(label, color="white", fontsize=8, pad=3)
-    for row, (left, right) in enumerate([("P", "A"), ("L", "R"), ("L", "R")]):
-        for side, x in ((left, 0.02), (right, 0.88)):
-            grid[row][0].text(x, 0.04, side, color="yellow", fontsize=7,
-                              transform=grid[row][0].transAxes)
+    _sides(grid, right_x=0.88)
     if title:
         figure.suptitle(title, color="white", fontsize=9)
     top = 1 - (0.75 if title else 0.35) / (1.5 * rows + (0.7 if title else 0.4))
     figure.subplots_adjust(left=0.4 / (1.5 * columns + 0.4), right=0.995, bottom=0.01,
                            top=top, wspace=0.03, hspace=0.05)
+    return _write_png(figure, out_png)
+
+
+def _grey_range(voxels: np.ndarray) -> tuple[float, float]:
+    """The grey scale: 0.5th to 99.5th percentile of ``voxels`` (a unit span if flat)."""
+    low, high = np.percentile(voxels, [0.5, 99.5])
+    return (low, high) if high > low else (low, low + 1.0)
+
+
+def _sides(grid: Any, *, right_x: float) -> None:
+    """Anatomical sides in the first column of each row (sagittal P-A, coronal and axial
+    L-R), at the left edge and at ``right_x`` (axes fraction)."""
+    for row, (left, right) in enumerate([("P", "A"), ("L", "R"), ("L", "R")]):
+        for side, x in ((left, 0.02), (right, right_x)):
+            grid[row][0].text(x, 0.04, side, color="yellow", fontsize=7,
+                              transform=grid[row][0].transAxes)
+
+
+def _write_png(figure: Any, out_png: str | os.PathLike[str]) -> Path:
+    """``figure`` as a PNG (black background, the software named), written atomically."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, facecolor="black",
                    metadata={"Software": f"brain-ldm-nodes {__version__} (matplotlib)"})

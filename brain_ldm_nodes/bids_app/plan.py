@@ -121,10 +121,10 @@ def plan_counterfactuals(
     without a T1w, edits out of range under the policy).
 
     ``sources`` maps a participant label to its T1w images (absolute paths under
-    ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids.find_t1w_images`, or under a
+    ``bids_dir``), e.g. from :func:`brain_ldm_nodes.bids_app.dataset.find_t1w_images`, or under a
     derivatives folder (``source_dataset`` its ``DatasetLinks`` key, ``bids_dir`` its root,
     ``source_spaces`` image -> ``(t1w_space, space label)``, e.g. from
-    :func:`brain_ldm_nodes.bids.find_preprocessed_t1w`).
+    :func:`brain_ldm_nodes.bids_app.dataset.find_preprocessed_t1w`).
     """
     import nibabel as nib
 

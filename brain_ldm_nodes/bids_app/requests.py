@@ -22,7 +22,14 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..provenance import described_conditioning, grid_convention, json_normal, sampler_settings
 from ..scheduler_names import SCHEDULER_TITLES, check_scheduler
-from .naming import COUNTERFACTUAL_DESC, DESC, SEED_FORMULA, SWEEP_INFIX, derive_seed, image_relative_path
+from .naming import (
+    COUNTERFACTUAL_DESC,
+    DESC,
+    SEED_FORMULA,
+    SWEEP_INFIX,
+    derive_seed,
+    image_relative_path,
+)
 from .resume import lookup
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps pybids out of this module's imports
@@ -38,7 +45,6 @@ __all__ = [
     "ImageRequest",
     "METADATA_KEYS",
     "SweepPoint",
-    "demographics_entry",
 ]
 
 
@@ -76,9 +82,38 @@ COUNTERFACTUAL_IMAGE_KEYS: tuple[tuple[str, ...], ...] = (
 )
 
 
-def _check_usable(participant: Participant) -> None:
-    if participant.conditioning is None:
-        raise ValueError(f"sub-{participant.label} has no usable conditioning")
+@dataclass(frozen=True, kw_only=True)
+class _ParticipantRequest:
+    """What every request has: whose demographics (read from which columns of which table,
+    under which policy), the model, the number of steps, and a sweep point if it is one."""
+
+    participant: Participant
+    num_inference_steps: int
+    model: ModelIdentity
+    columns: Mapping[str, str | None]
+    policy: Mapping[str, Any]
+    tsv_name: str = "participants.tsv"
+    #: A point of a conditioning sweep (synthetic: the seed of the participant's image 0).
+    sweep: SweepPoint | None = None
+
+    def __post_init__(self) -> None:
+        if self.participant.conditioning is None:
+            raise ValueError(f"sub-{self.participant.label} has no usable conditioning")
+
+    @property
+    def label(self) -> str:
+        return self.participant.label
+
+    def demographics(self) -> dict[str, Any]:
+        """The ``Demographics`` sidecar entry: the participants.tsv cells and how they were
+        read."""
+        return {
+            "Source": self.tsv_name,
+            "ParticipantId": self.participant.participant_id,
+            "Columns": dict(self.columns),
+            "Values": dict(self.participant.raw),
+            "Policy": dict(self.policy),
+        }
 
 
 def _model_and_grid(model: ModelIdentity) -> dict[str, Any]:
@@ -91,21 +126,14 @@ def _model_and_grid(model: ModelIdentity) -> dict[str, Any]:
     }
 
 
-@dataclass(frozen=True)
-class ImageRequest:
-    """One synthetic image to have in ``output_dir``: who, which sample, how."""
+@dataclass(frozen=True, kw_only=True)
+class ImageRequest(_ParticipantRequest):
+    """One synthetic image to have in ``output_dir``: who, which sample, how (a sweep point
+    uses ``index`` 0: the seed of the participant's image 0)."""
 
-    participant: Participant
     index: int
     n_samples: int
     base_seed: int
-    num_inference_steps: int
-    model: ModelIdentity
-    columns: Mapping[str, str | None]
-    policy: Mapping[str, Any]
-    tsv_name: str = "participants.tsv"
-    #: A point of a conditioning sweep (``index`` 0: the seed of the participant's image 0).
-    sweep: SweepPoint | None = None
     #: The sampler (``brain_ldm_nodes.scheduler_names.SCHEDULERS``): ``--scheduler``.
     scheduler: str = "ddim"
 
@@ -115,16 +143,12 @@ class ImageRequest:
     )
 
     def __post_init__(self) -> None:
-        _check_usable(self.participant)
+        super().__post_init__()
         if not 0 <= self.index < self.n_samples:
             raise ValueError(f"sample index {self.index} is outside 0..{self.n_samples - 1}")
         if self.sweep is not None and self.index != 0:
             raise ValueError("a sweep uses the seed of image 0 (index 0)")
         check_scheduler(self.scheduler)
-
-    @property
-    def label(self) -> str:
-        return self.participant.label
 
     @property
     def conditioning(self) -> Conditioning:
@@ -176,7 +200,7 @@ class ImageRequest:
         sweep = {"Sweep": self.sweep.metadata()} if self.sweep is not None else {}
         return json_normal({
             **sweep,
-            "Demographics": demographics_entry(self),
+            "Demographics": self.demographics(),
             "SeedDerivation": {
                 "BaseSeed": self.base_seed,
                 "Participant": self.label,
@@ -201,17 +225,6 @@ class ImageRequest:
             **self.extra_metadata(),
         })
         return {path: lookup(written, path) for path in (*self.image_keys, *self.metadata_keys)}
-
-
-def demographics_entry(request: Any) -> dict[str, Any]:
-    """The ``Demographics`` sidecar entry: the participants.tsv cells and how they were read."""
-    return {
-        "Source": request.tsv_name,
-        "ParticipantId": request.participant.participant_id,
-        "Columns": dict(request.columns),
-        "Values": dict(request.participant.raw),
-        "Policy": dict(request.policy),
-    }
 
 
 @dataclass(frozen=True)
@@ -240,8 +253,8 @@ class SweepPoint:
         return {**self.sweep.describe(), "Value": self.value.text, "Index": self.index}
 
 
-@dataclass(frozen=True)
-class CounterfactualRequest:
+@dataclass(frozen=True, kw_only=True)
+class CounterfactualRequest(_ParticipantRequest):
     """One counterfactual of a participant's real T1w to have in ``output_dir``.
 
     ``source_relative`` is the T1w's path inside ``bids_dir`` (POSIX); ``edits`` the
@@ -259,18 +272,11 @@ class CounterfactualRequest:
     system of the T1w).
     """
 
-    participant: Participant
     source: Path
     source_relative: str
     source_sha256: str
     target: Conditioning
-    num_inference_steps: int
-    model: ModelIdentity
-    columns: Mapping[str, str | None]
-    policy: Mapping[str, Any]
-    tsv_name: str = "participants.tsv"
     edits: tuple[EditValue, ...] = ()
-    sweep: SweepPoint | None = None
     t1w_space: str = "native"
     source_dataset: str = "raw"
     source_space: str | None = None
@@ -282,17 +288,13 @@ class CounterfactualRequest:
         return (*COUNTERFACTUAL_IMAGE_KEYS, ("OutputSpace",))
 
     def __post_init__(self) -> None:
-        _check_usable(self.participant)
+        super().__post_init__()
         if (self.sweep is None) == (not self.edits):
             raise ValueError("a counterfactual has either edits or a sweep point")
         if not Path(self.source_relative).name.endswith(("_T1w.nii.gz", "_T1w.nii")):
             raise ValueError(f"{self.source_relative}: not a T1w image name")
         if self.output_space == "source" and self.source_shape is None:
             raise ValueError("a counterfactual on the source's grid needs the source's shape")
-
-    @property
-    def label(self) -> str:
-        return self.participant.label
 
     @property
     def source_uri(self) -> str:
@@ -387,7 +389,7 @@ class CounterfactualRequest:
             "Sources": [self.source_uri],
             "SourceSHA256": self.source_sha256,
             **what,
-            "Demographics": demographics_entry(self),
+            "Demographics": self.demographics(),
             # The model regenerates whole-head images like its training data.
             "SkullStripped": False,
             **extra,

@@ -10,7 +10,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..demographics import DemographicsError, DemographicsPolicy, canonical_code, is_missing, parse_sex
+from ..demographics import (
+    DemographicsError,
+    DemographicsPolicy,
+    canonical_code,
+    is_missing,
+    parse_sex,
+)
 from .columns import column_key
 from .dataset import shorten
 from .errors import BidsDatasetError
