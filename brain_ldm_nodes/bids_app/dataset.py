@@ -84,8 +84,8 @@ def load_layout(bids_dir: str | os.PathLike[str], *, validate: bool = True) -> B
         return BIDSLayout(root, validate=validate)
     except BIDSValidationError as exc:
         raise BidsDatasetError(
-            f"{root}: {one_line(exc, first_line=True)} (to read it anyway, skip BIDS validation: "
-            "validate=False, --skip-bids-validation)"
+            f"{root}: {one_line(exc, first_line=True)} (to read it anyway, skip BIDS "
+            "validation: validate=False, --skip-bids-validation)"
         ) from exc
     except (OSError, ValueError) as exc:
         missing = getattr(exc, "filename", None)

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 import math
 import os
+from argparse import Namespace
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..imaging import MODEL_GRID_SHAPE
 from .errors import UsageError, one_line
 from .logs import log
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..demographics import DemographicsPolicy
+    from ..weights.identity import ModelIdentity
+    from .columns import BidsConfig
 
 __all__ = [
     "available_plugins",
@@ -30,7 +36,7 @@ __all__ = [
 ]
 
 
-def named_model(args) -> tuple[str, str]:
+def named_model(args: Namespace) -> tuple[str, str]:
     """The model to use and where it was named (``--model`` or ``BRAIN_LDM_MODEL``)."""
     if args.model:
         return args.model, "--model"
@@ -44,7 +50,7 @@ def named_model(args) -> tuple[str, str]:
     return model, "BRAIN_LDM_MODEL"
 
 
-def resolve_model(model: str, revision: str | None, named_by: str = "--model"):
+def resolve_model(model: str, revision: str | None, named_by: str = "--model") -> ModelIdentity:
     """The model's identity (configs; weights files checked against their sha256 once, not
     loaded); errors name where the model came from."""
     from ..weights.identity import ModelIdentity
@@ -67,7 +73,7 @@ def hub_offline() -> bool:
     return os.environ["HF_HUB_OFFLINE"].strip().lower() in {"1", "on", "yes", "true"}
 
 
-def compilation_cache_dir(args) -> Path | None:
+def compilation_cache_dir(args: Namespace) -> Path | None:
     """--compilation-cache-dir (``none`` disables), else the environment's or the default."""
     from ..compilation_cache import DISABLED, default_compilation_cache_dir
 
@@ -96,7 +102,7 @@ def available_plugins() -> list[str]:
                   if name.endswith("Plugin") and name != "Plugin" and name[0].isupper())
 
 
-def plugin_settings(args) -> tuple[str, dict[str, Any]]:
+def plugin_settings(args: Namespace) -> tuple[str, dict[str, Any]]:
     """Plugin name and arguments: MultiProc (forkserver) for --nprocs > 1, else Linear;
     --plugin-args override the defaults."""
     nprocs = args.nprocs or 1
@@ -132,7 +138,7 @@ def node_mem_gb(image_shape: Sequence[int]) -> float:
     return round(max(0.25, FULL_SIZE_MEM_GB * scale), 2)
 
 
-def demographics_config(args):
+def demographics_config(args: Namespace) -> BidsConfig:
     """``--demographics-config`` (or the defaults) with the policy flags applied over it."""
     from dataclasses import replace
 
@@ -158,7 +164,9 @@ def demographics_config(args):
         raise UsageError(f"{one_line(exc)} (from the flags over --demographics-config)") from None
 
 
-def edits_and_sweeps(args, policy) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
+def edits_and_sweeps(
+    args: Namespace, policy: DemographicsPolicy | None
+) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``--counterfactual`` edits and ``--sweep`` sweeps, checked together and against the
     demographics policy (absolute values outside [0, 1] under out_of_range 'error')."""
     from ..demographics import Conditioning, DemographicsPolicy
@@ -202,7 +210,7 @@ def edits_and_sweeps(args, policy) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     return edits, sweeps
 
 
-def check_scheduler_args(args, num_train_timesteps: int) -> None:
+def check_scheduler_args(args: Namespace, num_train_timesteps: int) -> None:
     """--scheduler: counterfactuals are DDIM only; the multistep solvers need distinct
     timesteps (at most num_train_timesteps − 1 steps)."""
     if args.scheduler == "ddim":

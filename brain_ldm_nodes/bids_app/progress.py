@@ -5,13 +5,16 @@ left), the columns used, skipped participants grouped by reason, and the summary
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..demographics import VOLUME_FIELDS
 from .logs import log
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .participants import ParticipantsTable
 
 __all__ = [
     "Progress",
@@ -41,7 +44,7 @@ class Progress:
     def __post_init__(self) -> None:
         self._by_stem = {request.stem: request for request in self.requests}
 
-    def _requests_of(self, node) -> tuple[list[Any], str]:
+    def _requests_of(self, node: Any) -> tuple[list[Any], str]:
         """The requests a node works on (a counterfactual node: several) and its kind."""
         from ..interfaces import (
             CounterfactualSeriesT1w,
@@ -64,7 +67,7 @@ class Progress:
             return [], ""
         return [self._by_stem[stem] for stem in stems if stem in self._by_stem], kind
 
-    def __call__(self, node, status: str) -> None:
+    def __call__(self, node: Any, status: str) -> None:
         requests, kind = self._requests_of(node)
         if not requests:
             return
@@ -79,7 +82,7 @@ class Progress:
         else:
             self._progress(requests[0], kind, status)
 
-    def _progress(self, request, kind: str, status: str) -> None:
+    def _progress(self, request: Any, kind: str, status: str) -> None:
         stem = request.stem
         if kind == "publish" and status == "end":
             if stem in self.failures:  # Linear reports "end" for the nodes it skips
@@ -99,7 +102,7 @@ class Progress:
                      _duration(took), _duration(per_step), request.relative_path, left)
 
 
-def _node_failure(node) -> str:
+def _node_failure(node: Any) -> str:
     """The last line of a failed node's traceback (from its result file)."""
     try:
         text = node.result.runtime.traceback or ""
@@ -117,7 +120,7 @@ def _duration(seconds: float) -> str:
     return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
 
 
-def report_columns(table) -> None:
+def report_columns(table: ParticipantsTable) -> None:
     """One line: which participants.tsv column each field comes from; one line per volume
     that takes a default (no column: everyone; empty cells: how many)."""
     used = ", ".join(f"{name} {column!r}" for name, column in table.columns.items() if column)
@@ -169,7 +172,7 @@ _SKIP_GROUPS = {  # kind -> (who, what would include them); {lo}, {hi}: the age 
 }
 
 
-def skip_summary(table) -> list[str]:
+def skip_summary(table: ParticipantsTable) -> list[str]:
     """The skipped participants of ``table`` grouped by reason, one line per group with the
     count and what would include them (the per-participant lines come earlier)."""
     groups: dict[str, list[Any]] = {}
@@ -195,7 +198,10 @@ def skip_summary(table) -> list[str]:
     return lines
 
 
-def print_summary(table, written: int, complete, refreshed, failures, requests) -> None:
+def print_summary(table: ParticipantsTable, written: int, complete: Sequence[Any],
+                  refreshed: Sequence[Any], failures: Mapping[str, str],
+                  requests: Sequence[Any]) -> None:
+    """The run's last lines: counts, skipped participants by reason, each failed image."""
     by_stem = {request.stem: request for request in requests}
     log.info("summary: %d images written, %d already complete, %d sidecars updated, "
              "%d failed; %d participants skipped", written, len(complete), len(refreshed),

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import json
 import os
+from argparse import Namespace
 import secrets
 import shutil
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from contextlib import suppress
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
 from ..provenance import conditioning_document, write_conditioning
 from ..scheduler_names import SCHEDULER_TITLES
+from ..weights.identity import ModelIdentity
 from .description import (
     check_raw_link,
     dataset_description,
@@ -53,6 +55,10 @@ from .plan import plan_counterfactuals, plan_images, plan_sweeps
 from .progress import Progress, print_summary, report_columns, skip_summary
 from .resume import assess, refresh_sidecar
 
+if TYPE_CHECKING:  # pragma: no cover
+    from .columns import BidsConfig
+    from .participants import ParticipantsTable
+
 #: The App's name in its lines (``brain-ldm-bids``).
 PROG = GENERATED_BY
 
@@ -63,92 +69,33 @@ __all__ = [
 ]
 
 
-def run_participant_level(args) -> int:
+def run_participant_level(args: Namespace) -> int:
+    """The participant level: check the folders and options, read the dataset, resolve the
+    model, then, holding the participants' locks, update the dataset files, plan the images,
+    check which are done and make the rest. Returns the exit status (0); known problems raise
+    (:mod:`.errors`)."""
     from ..compilation_cache import use_compilation_cache
-    from .dataset import load_layout
-    from .participants import read_participants
 
-    bids_dir = args.bids_dir
-    output_dir = args.output_dir.expanduser().resolve()
-    work_dir = args.work_dir.expanduser().resolve() if args.work_dir else None
-    check_locations(bids_dir, output_dir, work_dir)
-    check_creatable(output_dir)  # before the model is loaded: locations first
-    read_own_description(output_dir)  # refuse another dataset before reading anything
-    if work_dir is not None and output_dir in work_dir.parents:
-        hidden = work_dir.relative_to(output_dir).parts[0].startswith(".")
-        if not hidden:
-            log.info("note: -w %s is inside output_dir; the BIDS validator will report it "
-                     "unless its name starts with '.' or it is listed in .bidsignore", work_dir)
-    model_name, named_by = named_model(args)
+    output_dir, work_dir = _checked_folders(args)
+    model, named_by = named_model(args)
     if named_by == "BRAIN_LDM_MODEL" and args.revision is None:  # e.g. a container's model
         args.revision = os.environ.get("BRAIN_LDM_MODEL_REVISION", "").strip() or None
     plugin, plugin_args = plugin_settings(args)
     compilation_cache = compilation_cache_dir(args)
-    log.info("%s %s: participant level; %s -> %s", PROG, __version__, bids_dir, output_dir)
+    log.info("%s %s: participant level; %s -> %s", PROG, __version__, args.bids_dir, output_dir)
 
     config = demographics_config(args)
     edits, sweeps = edits_and_sweeps(args, config.policy)
-    derivatives_description = None
-    if args.t1w_derivatives is not None:
-        from .dataset import read_derivatives_description
-
-        args.t1w_derivatives = args.t1w_derivatives.expanduser().resolve()
-        derivatives_description = read_derivatives_description(
-            args.t1w_derivatives, "--t1w-derivatives")
-        args.t1w_derivatives_key = derivatives_key(derivatives_description)
-        log.info("real T1w from %s (%s; sources named bids:%s:...)", args.t1w_derivatives,
-                 derivatives_description.get("Name", "no Name"), args.t1w_derivatives_key)
-    layout = load_layout(bids_dir, validate=not args.skip_bids_validation)
-    table = read_participants(
-        bids_dir, config, participant_labels=args.participant_label, layout=layout
-    )
-    for problem in table.problems:
-        log.info("note: %s", problem)
-    report_columns(table)
-    for participant in table.skipped:  # one line each, naming the row and the reason
-        log.info("skipped sub-%s: %s", participant.label, participant.skip_reason)
-    if not table.usable:
-        for line in skip_summary(table):
-            log.info("  %s", line)
-        raise BidsDatasetError(
-            f"{table.tsv_path}: none of the {len(table)} selected participants can be used "
-            "(reasons above, grouped with the flags that would include them)"
-        )
-
-    identity = resolve_model(model_name, args.revision, named_by)
-    if args.num_inference_steps > identity.num_train_timesteps:
-        raise UsageError(
-            f"--num-inference-steps {args.num_inference_steps}: the model was trained with "
-            f"{identity.num_train_timesteps} timesteps "
-            f"(accepted: 1 to {identity.num_train_timesteps})"
-        )
-    check_scheduler_args(args, identity.num_train_timesteps)
-    if args.revision and Path(identity.model).is_dir():
-        log.info("note: --revision is ignored for a bundle folder (%s)", identity.model)
-    log.info("model %s: weights sha256 %s, grid %s; %d %s steps, base seed %d",
-             identity.model, identity.unet_sha256[:12], "x".join(map(str, identity.image_shape)),
-             args.num_inference_steps, SCHEDULER_TITLES[args.scheduler], args.seed)
+    derivatives_description = _t1w_derivatives(args)
+    layout, table = _read_dataset(args, config)
+    identity = _model_identity(args, model, named_by)
 
     output_dir = prepare_output_dir(output_dir)
     labels = [participant.label for participant in table.usable]
     # Runs on other participants (e.g. SLURM array tasks) may work in output_dir meanwhile.
     with ParticipantLocks(output_dir, labels) as locks:
         with locks.dataset_files():
-            existing = read_own_description(output_dir)
-            stale = remove_stale_top_level_temporaries(output_dir)
-            source = _source_description(layout)
-            link = (raw_dataset_link(source, bids_dir, output_dir)
-                    if args.counterfactual is not None else None)
-            links = {}
-            if derivatives_description is not None:
-                links[args.t1w_derivatives_key] = raw_dataset_link(
-                    derivatives_description, args.t1w_derivatives, output_dir)
-            if link is not None:  # outputs and DatasetLinks.raw must agree
-                check_raw_link(existing, link, output_dir)
-            for key, value in links.items():
-                check_raw_link(existing, value, output_dir, key=key)
-            write_dataset_files(
-                output_dir, dataset_description(source, raw_link=link, links=links), existing)
+            stale = _update_dataset_files(args, layout, output_dir, derivatives_description)
         for path in [*stale, *remove_stale_temporaries(output_dir, labels)]:
             log.info("removed %s (left by an interrupted run)", path.relative_to(output_dir))
         requests, notes = _plan(args, table, layout, identity, edits, sweeps)
@@ -157,20 +104,7 @@ def run_participant_level(args) -> int:
         if not requests:
             raise BidsDatasetError("no image to make: every requested image was left out "
                                    "(each one's reason is printed above)")
-        to_make, refreshed, complete = [], [], []
-        for request in requests:
-            assessment = assess(request, output_dir)
-            if assessment.action == "complete":
-                complete.append(request)
-                log.debug("%s: already complete (%s)", request.title, request.relative_path)
-            elif assessment.action == "refresh":
-                refresh_sidecar(request, output_dir)
-                refreshed.append(request)
-                log.info("%s: sidecar updated (%s)", request.title, assessment.reason)
-            else:
-                to_make.append(request)
-                if assessment.reason != "new":
-                    log.info("%s: sampling again: %s", request.title, assessment.reason)
+        to_make, refreshed, complete = _assess_all(requests, output_dir)
         log.info("%d participants, %d skipped; %d images: %d already complete, %d to sample",
                  len(table), len(table.skipped), len(requests), len(complete), len(to_make))
 
@@ -203,10 +137,10 @@ def run_participant_level(args) -> int:
         else:
             _remove_stale_transforms(output_dir, table, failures, to_make)
         print_summary(table, len(to_make) - len(failures), complete, refreshed, failures,
-                       to_make)
+                      to_make)
         if failures:
             raise FailedImages(f"{len(failures)} of {len(to_make)} images failed (reasons above; "
-                                f"crash files in {work / 'crash'})")
+                               f"crash files in {work / 'crash'})")
         if work_dir is None and work.exists():
             shutil.rmtree(work, ignore_errors=True)
             with suppress(OSError):  # the shared parent, once no other run uses it
@@ -214,7 +148,129 @@ def run_participant_level(args) -> int:
     return 0
 
 
-def _source_description(layout) -> dict[str, Any]:
+def _checked_folders(args: Namespace) -> tuple[Path, Path | None]:
+    """``output_dir`` and ``-w`` (absolute), refused before anything is read or loaded if they
+    would write into the raw dataset, cannot be created, or hold another dataset."""
+    output_dir = args.output_dir.expanduser().resolve()
+    work_dir = args.work_dir.expanduser().resolve() if args.work_dir else None
+    check_locations(args.bids_dir, output_dir, work_dir)
+    check_creatable(output_dir)  # before the model is loaded: locations first
+    read_own_description(output_dir)  # refuse another dataset before reading anything
+    if work_dir is not None and output_dir in work_dir.parents:
+        hidden = work_dir.relative_to(output_dir).parts[0].startswith(".")
+        if not hidden:
+            log.info("note: -w %s is inside output_dir; the BIDS validator will report it "
+                     "unless its name starts with '.' or it is listed in .bidsignore", work_dir)
+    return output_dir, work_dir
+
+
+def _t1w_derivatives(args: Namespace) -> dict[str, Any] | None:
+    """``--t1w-derivatives``' own description (None without it); sets ``args.t1w_derivatives``
+    absolute and ``args.t1w_derivatives_key``, its ``DatasetLinks`` key."""
+    if args.t1w_derivatives is None:
+        return None
+    from .dataset import read_derivatives_description
+
+    args.t1w_derivatives = args.t1w_derivatives.expanduser().resolve()
+    description = read_derivatives_description(args.t1w_derivatives, "--t1w-derivatives")
+    args.t1w_derivatives_key = derivatives_key(description)
+    log.info("real T1w from %s (%s; sources named bids:%s:...)", args.t1w_derivatives,
+             description.get("Name", "no Name"), args.t1w_derivatives_key)
+    return description
+
+
+def _read_dataset(args: Namespace, config: BidsConfig) -> tuple[Any, ParticipantsTable]:
+    """The pybids layout and the participants table; one line per problem and skipped
+    participant; :class:`BidsDatasetError` when no selected participant can be used."""
+    from .dataset import load_layout
+    from .participants import read_participants
+
+    layout = load_layout(args.bids_dir, validate=not args.skip_bids_validation)
+    table = read_participants(
+        args.bids_dir, config, participant_labels=args.participant_label, layout=layout
+    )
+    for problem in table.problems:
+        log.info("note: %s", problem)
+    report_columns(table)
+    for participant in table.skipped:  # one line each, naming the row and the reason
+        log.info("skipped sub-%s: %s", participant.label, participant.skip_reason)
+    if not table.usable:
+        for line in skip_summary(table):
+            log.info("  %s", line)
+        raise BidsDatasetError(
+            f"{table.tsv_path}: none of the {len(table)} selected participants can be used "
+            "(reasons above, grouped with the flags that would include them)"
+        )
+    return layout, table
+
+
+def _model_identity(args: Namespace, model: str, named_by: str) -> ModelIdentity:
+    """The model's identity (:func:`.options.resolve_model`), checked against the steps and
+    sampler asked for, and named in one line."""
+    identity = resolve_model(model, args.revision, named_by)
+    if args.num_inference_steps > identity.num_train_timesteps:
+        raise UsageError(
+            f"--num-inference-steps {args.num_inference_steps}: the model was trained with "
+            f"{identity.num_train_timesteps} timesteps "
+            f"(accepted: 1 to {identity.num_train_timesteps})"
+        )
+    check_scheduler_args(args, identity.num_train_timesteps)
+    if args.revision and Path(identity.model).is_dir():
+        log.info("note: --revision is ignored for a bundle folder (%s)", identity.model)
+    log.info("model %s: weights sha256 %s, grid %s; %d %s steps, base seed %d",
+             identity.model, identity.unet_sha256[:12], "x".join(map(str, identity.image_shape)),
+             args.num_inference_steps, SCHEDULER_TITLES[args.scheduler], args.seed)
+    return identity
+
+
+def _update_dataset_files(
+    args: Namespace, layout: Any, output_dir: Path, derivatives_description: dict[str, Any] | None
+) -> list[Path]:
+    """Write ``dataset_description.json`` (with the ``DatasetLinks`` counterfactual sources
+    need, refused if they would re-point existing ones), README and ``.bidsignore`` (call it
+    under :meth:`ParticipantLocks.dataset_files`); returns the stale top-level temporaries it
+    removed."""
+    existing = read_own_description(output_dir)
+    stale = remove_stale_top_level_temporaries(output_dir)
+    source = _source_description(layout)
+    link = (raw_dataset_link(source, args.bids_dir, output_dir)
+            if args.counterfactual is not None else None)
+    links = {}
+    if derivatives_description is not None:
+        links[args.t1w_derivatives_key] = raw_dataset_link(
+            derivatives_description, args.t1w_derivatives, output_dir)
+    if link is not None:  # outputs and DatasetLinks.raw must agree
+        check_raw_link(existing, link, output_dir)
+    for key, value in links.items():
+        check_raw_link(existing, value, output_dir, key=key)
+    write_dataset_files(
+        output_dir, dataset_description(source, raw_link=link, links=links), existing)
+    return stale
+
+
+def _assess_all(
+    requests: Sequence[Any], output_dir: Path
+) -> tuple[list[Any], list[Any], list[Any]]:
+    """``(to_make, refreshed, complete)``: each request :func:`.resume.assess`-ed, sidecars
+    that only describe differently rewritten; one line per image redone or refreshed."""
+    to_make, refreshed, complete = [], [], []
+    for request in requests:
+        assessment = assess(request, output_dir)
+        if assessment.action == "complete":
+            complete.append(request)
+            log.debug("%s: already complete (%s)", request.title, request.relative_path)
+        elif assessment.action == "refresh":
+            refresh_sidecar(request, output_dir)
+            refreshed.append(request)
+            log.info("%s: sidecar updated (%s)", request.title, assessment.reason)
+        else:
+            to_make.append(request)
+            if assessment.reason != "new":
+                log.info("%s: sampling again: %s", request.title, assessment.reason)
+    return to_make, refreshed, complete
+
+
+def _source_description(layout: Any) -> dict[str, Any]:
     try:
         description = layout.get_dataset_description()
     except Exception:  # missing or broken and --skip-bids-validation: nothing to cite
@@ -222,7 +278,9 @@ def _source_description(layout) -> dict[str, Any]:
     return dict(description) if isinstance(description, dict) else {}
 
 
-def _write_conditioning_files(table, folder: Path, requests: Sequence[Any]) -> dict[str, Path]:
+def _write_conditioning_files(
+    table: ParticipantsTable, folder: Path, requests: Sequence[Any]
+) -> dict[str, Path]:
     """One conditioning JSON per key of the requests' ``conditionings()`` (a participant's
     own: ``sub-<label>``; a sweep point or counterfactual target: its image's stem),
     rewritten only if it changed (so Nipype's hashes, and its cache in a kept work folder,
@@ -244,7 +302,10 @@ def _write_conditioning_files(table, folder: Path, requests: Sequence[Any]) -> d
     return files
 
 
-def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list[str]]:
+def _plan(
+    args: Namespace, table: ParticipantsTable, layout: Any, identity: ModelIdentity,
+    edits: Sequence[Any], sweeps: Sequence[Any],
+) -> tuple[list[Any], list[str]]:
     """The images this run should have: synthetic (and synthetic sweeps), or counterfactuals
     of every real T1w (and counterfactual sweeps); with notes on what is left out."""
     from .dataset import find_t1w_images
@@ -279,7 +340,7 @@ def _plan(args, table, layout, identity, edits, sweeps) -> tuple[list[Any], list
     return requests + swept, notes
 
 
-def _graph_submission(locks, plugin: str, work: Path) -> str | None:
+def _graph_submission(locks: ParticipantLocks, plugin: str, work: Path) -> str | None:
     """For SLURMGraph, whose jobs outlive the command (and its participant locks): a SLURM
     comment for every job, recorded with the locks so that later runs on these participants
     are refused while ``squeue`` lists such a job. ``None`` for other plugins."""
@@ -298,7 +359,8 @@ def _jobs_queued(comment: str) -> bool:
     return isinstance(jobs, list) and bool(jobs)
 
 
-def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
+def _run_workflow(args: Namespace, requests: Sequence[Any], table: ParticipantsTable,
+                  identity: ModelIdentity, output_dir: Path, work: Path,
                   plugin: str, plugin_args: dict[str, Any]) -> dict[str, str] | None:
     """Build and run the workflow; returns ``{stem: reason}`` of the images that failed, or
     ``None`` when a graph plugin (SLURMGraph, ...) has submitted the jobs without waiting."""
@@ -332,7 +394,7 @@ def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
     if plugin.endswith("Graph"):
         if error is not None:
             raise FailedImages(f"the {plugin} plugin could not submit the jobs: "
-                                f"{one_line(error)}")
+                               f"{one_line(error)}")
         return None
     failures = {}
     for request in requests:
@@ -344,7 +406,8 @@ def _run_workflow(args, requests, table, identity, output_dir: Path, work: Path,
     return failures
 
 
-def _remove_stale_images(output_dir: Path, table, n_samples: int, failures, requests) -> None:
+def _remove_stale_images(output_dir: Path, table: ParticipantsTable, n_samples: int,
+                         failures: Mapping[str, str], requests: Sequence[Any]) -> None:
     """Remove the synthetic images of this run's participants that the current --n-samples
     does not produce (e.g. sub-01_desc-synthetic_T1w after --n-samples 2), once all of the
     participant's requested images are complete; one line each."""
@@ -358,7 +421,8 @@ def _remove_stale_images(output_dir: Path, table, n_samples: int, failures, requ
                      image.relative_to(output_dir), n_samples)
 
 
-def _remove_stale_transforms(output_dir: Path, table, failures, requests) -> None:
+def _remove_stale_transforms(output_dir: Path, table: ParticipantsTable,
+                             failures: Mapping[str, str], requests: Sequence[Any]) -> None:
     """Remove the registration transforms of this run's participants that no image names
     any more (e.g. after switching to --t1w-space conform), once all of the participant's
     requested images are complete; one line each, as for stale images."""
@@ -372,7 +436,9 @@ def _remove_stale_transforms(output_dir: Path, table, failures, requests) -> Non
                      path.relative_to(output_dir))
 
 
-def run_group_level(args) -> int:
+def run_group_level(args: Namespace) -> int:
+    """The group level: the table and report of every image (:mod:`.report`), holding
+    ``output_dir``'s lock alone."""
     from .dataset import normalise_participant_label
     from .report import write_group_report
 
