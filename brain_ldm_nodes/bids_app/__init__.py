@@ -23,12 +23,3 @@
 
 Importing this package imports none of them (``brain_ldm_nodes.cli.run`` is the entry point).
 """
-
-from __future__ import annotations
-
-
-
-__all__ = [
-]
-
-
