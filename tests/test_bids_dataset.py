@@ -1,4 +1,5 @@
-"""Tests for the BIDS App's reading side (brain_ldm_nodes.bids_app.dataset, .participants, .columns): the example datasets, and bad or odd participants files."""
+"""Tests for the BIDS App's reading side (brain_ldm_nodes.bids_app: dataset, participants,
+columns): the example datasets, and bad or odd participants files."""
 
 from __future__ import annotations
 
