@@ -37,7 +37,7 @@ from brain_ldm_nodes.registration import (  # noqa: E402
     register_t1w,
     resample_to_model_grid,
 )
-from brain_ldm_nodes.report import render_strip  # noqa: E402
+from brain_ldm_nodes.bids_app.figures import render_strip  # noqa: E402
 
 
 def main() -> int:

@@ -1,7 +1,7 @@
 """brain-ldm-nodes: the Brain LDM (Pinaya et al. 2022) in JAX/Equinox, for neuroimaging pipelines.
 
 Importing this package never imports torch, MONAI or Nipype, and imports JAX only when a
-model, network or scheduler name is first used (so ``brain_ldm_nodes.bids`` or
+model, network or scheduler name is first used (so ``brain_ldm_nodes.bids_app.participants`` or
 ``brain_ldm_nodes.demographics`` stay light).
 """
 

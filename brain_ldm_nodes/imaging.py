@@ -480,3 +480,49 @@ def conform_t1w(
     }
     image = _nifti_image(scaled, model_affine(out_shape), "Brain LDM conformed T1w, [0,1]")
     return image, record
+
+
+# --------------------------------------------------------------------------- publishing
+# (appended by the BIDS App split; the lead may hoist these two imports to the top)
+import shutil  # noqa: E402
+from collections.abc import Mapping  # noqa: E402
+
+
+def sidecar_path(image: str | os.PathLike[str]) -> Path:
+    """The JSON sidecar of a ``.nii.gz`` / ``.nii`` image."""
+    path = Path(image)
+    name = path.name
+    for suffix in (".nii.gz", ".nii"):
+        if name.endswith(suffix):
+            return path.with_name(name[: -len(suffix)] + ".json")
+    raise ValueError(f"{path}: not a NIfTI file name (.nii.gz or .nii)")
+
+
+def publish_image(
+    in_file: str | os.PathLike[str],
+    in_sidecar: str | os.PathLike[str],
+    out_file: str | os.PathLike[str],
+    metadata: Mapping[str, Any] | None = None,
+) -> tuple[Path, Path]:
+    """Copy an image and its sidecar (with ``metadata`` keys added) into place, atomically.
+
+    Order matters for resuming: the old sidecar goes first, then the image is replaced,
+    then the new sidecar is written; so a sidecar always describes the image beside it.
+    A ``Preparation`` mapping in ``metadata`` is merged into the sidecar's own.
+    Returns ``(image, sidecar)``.
+    """
+    target = Path(out_file)
+    target_sidecar = sidecar_path(target)
+    document = json.loads(Path(in_sidecar).read_text(encoding="utf-8"))
+    metadata = dict(metadata or {})
+    if isinstance(metadata.get("Preparation"), Mapping):  # added to the node's record
+        metadata["Preparation"] = {**document.get("Preparation", {}), **metadata["Preparation"]}
+    document.update(metadata)
+    target_sidecar.unlink(missing_ok=True)
+    with open(in_file, "rb") as source:
+        atomic_write(target, lambda handle: shutil.copyfileobj(source, handle))
+    write_json(document, target_sidecar)
+    return target, target_sidecar
+
+
+__all__ += ["publish_image", "sidecar_path"]

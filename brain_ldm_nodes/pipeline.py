@@ -34,12 +34,11 @@ from .models.streaming import decode_streaming, decode_streaming_layout_ok
 from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
 from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_inverse_step, ddim_step, ddim_tables
 from .scheduler_names import SCHEDULERS, check_scheduler  # "ddim" and the solvers' names
+from .seeding import PRNG_IMPL  # how a seed maps to noise (also named in the sidecars)
 from .solvers import SOLVERS, Solver, initial_state, table_row
 
 #: Values of the ``precision`` argument of the sampling methods (float32 is the reference).
 PRECISIONS = ("float32", "bfloat16")
-#: The PRNG implementation seeds are mapped with; fixed so results do not follow JAX defaults.
-PRNG_IMPL = "threefry2x32"
 
 
 def initial_noise(seed: int, latent_shape: Sequence[int]) -> Float[Array, "*latent_shape"]:
@@ -276,31 +275,14 @@ class BrainLDM:
             brain_ldm_nodes.weights.bundle.BundleError: with the bundle and the reason.
         """
         from .weights import bundle
+        from .weights.identity import resolve_model_bundles
 
-        hub = {"cache_dir": cache_dir, "local_files_only": local_files_only, "token": token}
-        folder = bundle.resolve_bundle(repo_id_or_path, revision=revision, **hub)
-        config = bundle.read_bundle_config(folder)
-        if not isinstance(config, bundle.ModelBundleConfig):
-            raise bundle.BundleError(
-                f"{repo_id_or_path}: is a {config.bundle_type} bundle (the autoencoder alone); "
-                f"BrainLDM.from_pretrained needs a {bundle.MODEL_BUNDLE} bundle, which names it as its base"
-            )
-        vae_folder = bundle.resolve_base(folder, config.base, **hub)
-        vae_config = bundle.read_bundle_config(vae_folder)
-        if not isinstance(vae_config, bundle.VAEBundleConfig):
-            raise bundle.BundleError(
-                f"{vae_folder}: the base of {repo_id_or_path} must be a {bundle.VAE_BUNDLE} bundle, "
-                f"found {vae_config.bundle_type}"
-            )
-        unet = bundle.load_bundle_weights(folder, config, verify=verify)
-        vae = bundle.load_bundle_weights(vae_folder, vae_config, verify=verify)
-        source = {
-            "model": {"id": os.fspath(repo_id_or_path), "revision": revision, "folder": str(folder),
-                      "weights_sha256": config.weights_sha256},
-            "vae": {"id": config.base.repo_id or config.base.path, "revision": config.base.revision,
-                    "folder": str(vae_folder), "weights_sha256": vae_config.weights_sha256},
-        }
-        return cls(vae, unet, config.scheduler, source, tuple(config.image_shape))
+        found = resolve_model_bundles(repo_id_or_path, revision=revision, cache_dir=cache_dir,
+                                      local_files_only=local_files_only, token=token)
+        unet = bundle.load_bundle_weights(found.folder, found.config, verify=verify)
+        vae = bundle.load_bundle_weights(found.vae_folder, found.vae_config, verify=verify)
+        return cls(vae, unet, found.config.scheduler, found.source(),
+                   tuple(found.config.image_shape))
 
     def save_pretrained(
         self,

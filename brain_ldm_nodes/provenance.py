@@ -21,15 +21,21 @@ import numpy as np
 from ._version import __version__
 from .demographics import CONDITIONING_ORDER, Conditioning, DemographicsPolicy
 from .imaging import MODEL_ORIENTATION, model_affine, write_json
+from .scheduler_names import SCHEDULER_METHODS, check_scheduler
+from .seeding import initial_noise_description
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps JAX out of this module's imports
     from .pipeline import BrainLDM
 
 __all__ = [
+    "REFERENCE",
     "SOFTWARE",
     "software_versions",
     "grid_convention",
     "conditioning_document",
+    "described_conditioning",
+    "json_normal",
+    "sampler_settings",
     "write_conditioning",
     "read_conditioning",
     "synthesis_sidecar",
@@ -142,6 +148,38 @@ def read_conditioning(path: str | os.PathLike[str]) -> Conditioning:
 # --------------------------------------------------------------------------- sidecars
 
 
+def json_normal(value: Any) -> Any:
+    """``value`` as it reads back from a JSON sidecar (tuples become lists, keys strings)."""
+    return json.loads(json.dumps(value, sort_keys=True))
+
+
+def described_conditioning(conditioning: Conditioning) -> dict[str, Any]:
+    """A sidecar's conditioning record (``Conditioning``, ``ConditioningFrom``/``To``): the
+    4 ``Values`` in ``Order``, their ``Derivation`` (when the conditioning has a record) and
+    ``OutsideUnitRange``, the names of values outside [0, 1] (extrapolation)."""
+    values = [float(v) for v in conditioning.values]
+    described: dict[str, Any] = {"Values": values, "Order": list(CONDITIONING_ORDER)}
+    if conditioning.record:
+        described["Derivation"] = dict(conditioning.record)
+    described["OutsideUnitRange"] = [
+        name for name, value in zip(CONDITIONING_ORDER, values) if not 0.0 <= value <= 1.0
+    ]
+    return described
+
+
+def sampler_settings(
+    num_inference_steps: int, schedule: Mapping[str, Any], scheduler: str | None = None
+) -> dict[str, Any]:
+    """A sidecar's ``Sampler`` settings that decide the voxels: ``NumInferenceSteps``, the β
+    ``Scheduler`` (``DDIMSchedulerConfig.to_dict()``) and, for a sampled image, the
+    ``scheduler`` name (``Name``) and what it runs (``Method``)."""
+    named: dict[str, Any] = {}
+    if scheduler is not None:
+        named = {"Name": check_scheduler(scheduler), "Method": SCHEDULER_METHODS[scheduler]}
+    return {**named, "NumInferenceSteps": int(num_inference_steps), "Scheduler": dict(schedule)}
+
+
+
 def _model_provenance(model: BrainLDM) -> dict[str, Any]:
     return {
         "Source": dict(model.source) or {"note": "in-memory model (no bundle)"},
@@ -167,16 +205,6 @@ def synthesis_sidecar(
     the model's source (bundle ids, revisions, weights sha256), software versions and
     the grid convention (:func:`grid_convention`).
     """
-    from .pipeline import PRNG_IMPL  # imported here: pipeline imports JAX
-    from .scheduler_names import SCHEDULER_METHODS, check_scheduler
-
-    values = [float(v) for v in conditioning.values]
-    described: dict[str, Any] = {"Values": values, "Order": list(CONDITIONING_ORDER)}
-    if conditioning.record:
-        described["Derivation"] = dict(conditioning.record)
-    described["OutsideUnitRange"] = [
-        name for name, value in zip(CONDITIONING_ORDER, values) if not 0.0 <= value <= 1.0
-    ]
     shape = [int(size) for size in image_shape]
     return {
         "Synthetic": True,
@@ -184,16 +212,11 @@ def synthesis_sidecar(
             "Synthetic T1-weighted brain MRI sampled from the Brain LDM, a conditional latent "
             "diffusion model trained on UK Biobank T1w images; not an acquired image."
         ),
-        "Conditioning": described,
+        "Conditioning": described_conditioning(conditioning),
         "Seed": int(seed),
         "Sampler": {
-            "Name": check_scheduler(scheduler),
-            "Method": SCHEDULER_METHODS[scheduler],
-            "NumInferenceSteps": int(num_inference_steps),
-            "Scheduler": model.scheduler.to_dict(),
-            "InitialNoise": (
-                f"jax.random.normal(jax.random.key(Seed, impl='{PRNG_IMPL}'), LatentShape), float32"
-            ),
+            **sampler_settings(num_inference_steps, model.scheduler.to_dict(), scheduler),
+            "InitialNoise": initial_noise_description(),
             "LatentShape": list(model.latent_shape(shape)),
         },
         "Model": _model_provenance(model),
@@ -246,17 +269,6 @@ def encode_report(
 
 
 # --------------------------------------------------------------------------- counterfactuals
-
-
-def _described_conditioning(conditioning: Conditioning) -> dict[str, Any]:
-    values = [float(v) for v in conditioning.values]
-    described: dict[str, Any] = {"Values": values, "Order": list(CONDITIONING_ORDER)}
-    if conditioning.record:
-        described["Derivation"] = dict(conditioning.record)
-    described["OutsideUnitRange"] = [
-        name for name, value in zip(CONDITIONING_ORDER, values) if not 0.0 <= value <= 1.0
-    ]
-    return described
 
 
 def reconstruction_error(
@@ -318,12 +330,11 @@ def counterfactual_sidecar(
         ),
         "Sources": [os.fspath(in_file)],
         "Preparation": dict(preparation),
-        "ConditioningFrom": _described_conditioning(conditioning_from),
-        "ConditioningTo": _described_conditioning(conditioning_to),
+        "ConditioningFrom": described_conditioning(conditioning_from),
+        "ConditioningTo": described_conditioning(conditioning_to),
         "Sampler": {
             "Method": "DDIM inversion then DDIM sampling, eta = 0, same schedule and steps",
-            "NumInferenceSteps": int(num_inference_steps),
-            "Scheduler": model.scheduler.to_dict(),
+            **sampler_settings(num_inference_steps, model.scheduler.to_dict()),
             "Latent": "z_mu, the posterior mean of the encoded source (deterministic)",
             "LatentShape": list(model.latent_shape(shape)),
         },

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from brain_ldm_nodes.cli.run import main
-from brain_ldm_nodes.derivatives import DEFAULT_WORK_DIR_NAME
+from brain_ldm_nodes.bids_app.naming import DEFAULT_WORK_DIR_NAME
 
 from test_interfaces import REPO, STEPS, build_tiny_bundle
 

@@ -22,16 +22,12 @@ import numpy as np
 import pytest
 
 from brain_ldm_nodes import __version__
-from brain_ldm_nodes.derivatives import (
-    LOCK_NAME,
-    LOCKS_DIR_NAME,
-    OutputLock,
-    default_work_dir,
-    derive_seed,
-)
+from brain_ldm_nodes.bids_app.locks import OutputLock
+from brain_ldm_nodes.bids_app.naming import LOCK_NAME, LOCKS_DIR_NAME, derive_seed
+from brain_ldm_nodes.bids_app.output_dir import default_work_dir
 from brain_ldm_nodes.interfaces import SampleT1w
 from brain_ldm_nodes.model_cache import get_model
-from brain_ldm_nodes.report import TSV_COLUMNS
+from brain_ldm_nodes.bids_app.report import TSV_COLUMNS
 from brain_ldm_nodes.weights.bundle import read_bundle_config
 
 from bids_app_support import (
@@ -474,7 +470,7 @@ def test_more_samples_after_one_removes_the_unnumbered_image_and_the_report_coun
     (" DOI: 10.1234/abc.5 ", "10.1234/abc.5"),
 ])
 def test_a_dataset_doi_gives_a_correct_doi_url_pair_or_none(given, bare):
-    from brain_ldm_nodes.derivatives import dataset_description, raw_dataset_link
+    from brain_ldm_nodes.bids_app.description import dataset_description, raw_dataset_link
 
     description = dataset_description({"Name": "x", "DatasetDOI": given})
     link = raw_dataset_link({"DatasetDOI": given}, Path("/data/ds"), Path("/data/ds/derivatives/x"))
@@ -493,7 +489,7 @@ def test_the_time_left_is_estimated_from_images_after_the_first(monkeypatch):
     import logging
     from types import SimpleNamespace
 
-    from brain_ldm_nodes.cli import run as cli_run
+    from brain_ldm_nodes.bids_app import progress as cli_run
 
     requests = [SimpleNamespace(stem=f"s{i}", title=f"image {i}", num_inference_steps=10,
                                 relative_path=Path(f"s{i}.nii.gz")) for i in range(4)]

@@ -287,8 +287,9 @@ def test_counterfactuals_from_another_dataset_are_refused_so_outputs_and_links_a
 
 
 def test_a_source_that_cannot_be_read_is_left_out_with_a_note(tmp_path):
-    from brain_ldm_nodes.bids import read_participants
-    from brain_ldm_nodes.derivatives import ModelIdentity, plan_counterfactuals
+    from brain_ldm_nodes.bids_app.participants import read_participants
+    from brain_ldm_nodes.bids_app.plan import plan_counterfactuals
+    from brain_ldm_nodes.weights.identity import ModelIdentity
     from brain_ldm_nodes.edits import parse_edit
 
     dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")

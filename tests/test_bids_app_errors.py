@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from brain_ldm_nodes.derivatives import OutputLock
+from brain_ldm_nodes.bids_app.locks import OutputLock
 
 from bids_app_support import (
     CONSOLE_SCRIPT,

@@ -226,8 +226,10 @@ def test_switching_to_conform_removes_the_transform_no_image_uses(tmp_path, tiny
 def test_which_preprocessed_t1w_are_used_and_how_outputs_are_named(tmp_path):
     """fMRIPrep names -> sources (space rule, one per output) and valid output names: one
     desc- entity; the model grid without space-/res-; the source grid with the source's."""
-    from brain_ldm_nodes.bids import find_preprocessed_t1w, read_participants
-    from brain_ldm_nodes.derivatives import ModelIdentity, plan_counterfactuals
+    from brain_ldm_nodes.bids_app.dataset import find_preprocessed_t1w
+    from brain_ldm_nodes.bids_app.participants import read_participants
+    from brain_ldm_nodes.bids_app.plan import plan_counterfactuals
+    from brain_ldm_nodes.weights.identity import ModelIdentity
     from brain_ldm_nodes.edits import parse_edit
 
     folder = tmp_path / "fmriprep"

@@ -18,8 +18,10 @@ from pathlib import Path
 
 import pytest
 
-from brain_ldm_nodes.bids import BidsDatasetError, default_column_rank, read_participants
-from brain_ldm_nodes.report import write_group_report
+from brain_ldm_nodes.bids_app.columns import default_column_rank
+from brain_ldm_nodes.bids_app.errors import BidsDatasetError
+from brain_ldm_nodes.bids_app.participants import read_participants
+from brain_ldm_nodes.bids_app.report import write_group_report
 
 from bids_app_support import app, tiny_model_path, validator_errors
 from test_interfaces import STEPS

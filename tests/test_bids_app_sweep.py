@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 from brain_ldm_nodes.demographics import Conditioning, DemographicsPolicy
-from brain_ldm_nodes.derivatives import derive_seed
+from brain_ldm_nodes.bids_app.naming import derive_seed
 from brain_ldm_nodes.edits import EditError, apply_edits, parse_edit, parse_sweep
 from brain_ldm_nodes.interfaces import SampleT1w
 

@@ -1,4 +1,5 @@
-"""Tests for brain_ldm_nodes.bids: the example datasets, and bad or odd participants files."""
+"""Tests for the BIDS App's reading side (brain_ldm_nodes.bids_app: dataset, participants,
+columns): the example datasets, and bad or odd participants files."""
 
 from __future__ import annotations
 
@@ -10,15 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from brain_ldm_nodes.bids import (
-    DEFAULT_COLUMN_ALIASES,
+from brain_ldm_nodes.bids_app.columns import DEFAULT_COLUMN_ALIASES, BidsConfig
+from brain_ldm_nodes.bids_app.dataset import find_t1w_images, load_layout
+from brain_ldm_nodes.bids_app.errors import BidsConfigError, BidsDatasetError
+from brain_ldm_nodes.bids_app.participants import (
     MAX_PARTICIPANTS_TSV_BYTES,
-    BidsConfig,
-    BidsConfigError,
-    BidsDatasetError,
     ParticipantsTable,
-    find_t1w_images,
-    load_layout,
     read_participants,
 )
 from brain_ldm_nodes.demographics import DemographicsError, DemographicsPolicy

@@ -107,7 +107,7 @@ COMPUTE_NODE = textwrap.dedent("""
     import numpy as np
     from safetensors.numpy import load_file
     from brain_ldm_nodes import BrainLDM
-    from brain_ldm_nodes.derivatives import ModelIdentity
+    from brain_ldm_nodes.weights.identity import ModelIdentity
     from brain_ldm_nodes.weights.bundle import module_tensors
 
     repo, source = sys.argv[1], Path(sys.argv[2])

@@ -369,7 +369,7 @@ def test_vae_decode_node_equals_library_decode_as_3d_float32_las(tmp_path, tiny_
 
 def test_model_checksum_is_part_of_the_hash_and_must_match_the_weights(tmp_path, tiny_model):
     """A bundle re-converted in place keeps its folder name: only model_checksum tells Nipype."""
-    from brain_ldm_nodes.derivatives import ModelIdentity
+    from brain_ldm_nodes.weights.identity import ModelIdentity
 
     checksum = ModelIdentity.resolve(tiny_model).checksum
     unet_sha256, vae_sha256 = checksum.split(":")

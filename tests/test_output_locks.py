@@ -10,16 +10,10 @@ import time
 
 import pytest
 
-from brain_ldm_nodes.derivatives import (
-    DEFAULT_WORK_DIR_NAME,
-    LOCK_NAME,
-    LOCKS_DIR_NAME,
-    LockHeldError,
-    OutputLock,
-    ParticipantLocks,
-    default_work_dir,
-    remove_stale_temporaries,
-)
+from brain_ldm_nodes.bids_app.errors import LockHeldError
+from brain_ldm_nodes.bids_app.locks import OutputLock, ParticipantLocks
+from brain_ldm_nodes.bids_app.naming import DEFAULT_WORK_DIR_NAME, LOCK_NAME, LOCKS_DIR_NAME
+from brain_ldm_nodes.bids_app.output_dir import default_work_dir, remove_stale_temporaries
 
 
 def test_runs_on_disjoint_participants_hold_the_folder_together(tmp_path):

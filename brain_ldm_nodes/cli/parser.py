@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 from .._version import __version__
 from ..scheduler_names import DEFAULT_SCHEDULER, SCHEDULERS
+
+_T = TypeVar("_T")
 
 DESCRIPTION = """\
 brain-ldm-bids: synthetic T1w images from a BIDS dataset's participants.tsv.
@@ -80,25 +84,25 @@ def _existing_dir(value: str) -> Path:
     return path.resolve()
 
 
-def _positive_int(value: str) -> int:
+def _parsed(value: str, convert: Callable[[str], _T], what: str, accepted: str) -> _T:
+    """``convert(value)``; its ``ValueError`` becomes one line: ``'<value>' is not <what>
+    (accepted: <accepted>)``."""
     try:
-        number = int(value)
+        return convert(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not an integer (accepted: 1, 2, ...)"
-        ) from None
+        message = f"{value!r} is not {what} (accepted: {accepted})"
+        raise argparse.ArgumentTypeError(message) from None
+
+
+def _positive_int(value: str) -> int:
+    number = _parsed(value, int, "an integer", "1, 2, ...")
     if number < 1:
         raise argparse.ArgumentTypeError(f"{value} must be an integer ≥ 1")
     return number
 
 
 def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not an integer (accepted: 0 to {2**32 - 1})"
-        ) from None
+    number = _parsed(value, int, "an integer", f"0 to {2**32 - 1}")
     if number < 0 or number >= 2**32:
         raise argparse.ArgumentTypeError(f"{value} is outside the accepted 0 to {2**32 - 1}")
     return number
@@ -108,12 +112,7 @@ _JSON_EXAMPLE = """'{"sbatch_args": "-p short"}'"""
 
 
 def _unit_interval(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a number (accepted: a normalised volume in [0, 1], e.g. 0.2)"
-        ) from None
+    number = _parsed(value, float, "a number", "a normalised volume in [0, 1], e.g. 0.2")
     if not 0.0 <= number <= 1.0:
         raise argparse.ArgumentTypeError(
             f"{value} is outside [0, 1] (accepted: a normalised volume, e.g. 0.2)"
@@ -146,24 +145,24 @@ def _json_object(value: str) -> dict:
     return data
 
 
-def _edit(value: str):
+def _from_edits(parse: str, value: str) -> Any:
+    """``brain_ldm_nodes.edits.<parse>(value)``; its ``EditError`` becomes the argument error."""
+    from .. import edits
+
+    try:
+        return getattr(edits, parse)(value, argument="")
+    except edits.EditError as error:
+        raise argparse.ArgumentTypeError(str(error).strip()) from None
+
+
+def _edit(value: str) -> Any:
     """One ``--counterfactual`` edit (``brain_ldm_nodes.edits.parse_edit``)."""
-    from ..edits import EditError, parse_edit
-
-    try:
-        return parse_edit(value, argument="")
-    except EditError as error:
-        raise argparse.ArgumentTypeError(str(error).strip()) from None
+    return _from_edits("parse_edit", value)
 
 
-def _sweep(value: str):
+def _sweep(value: str) -> Any:
     """One ``--sweep`` (``brain_ldm_nodes.edits.parse_sweep``)."""
-    from ..edits import EditError, parse_sweep
-
-    try:
-        return parse_sweep(value, argument="")
-    except EditError as error:
-        raise argparse.ArgumentTypeError(str(error).strip()) from None
+    return _from_edits("parse_sweep", value)
 
 
 def _memory_gb(value: str) -> float:
@@ -173,12 +172,8 @@ def _memory_gb(value: str) -> float:
         if text.endswith(suffix):
             text, scale = text[:-1], factor
             break
-    try:
-        number = float(text) * scale
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{value!r} is not a memory size (accepted: e.g. 16GB, 16000MB, 0.5T, 16)"
-        ) from None
+    number = _parsed(value, lambda _: float(text) * scale, "a memory size",
+                     "e.g. 16GB, 16000MB, 0.5T, 16")
     if not number > 0 or number == float("inf"):
         raise argparse.ArgumentTypeError(f"{value} must be a positive, finite memory size")
     return number

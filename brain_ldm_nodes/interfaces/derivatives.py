@@ -11,8 +11,7 @@ from nipype.interfaces.base import (
     traits,
 )
 
-from ..derivatives import publish_image
-from ..imaging import atomic_write
+from ..imaging import atomic_write, publish_image
 
 
 class _PublishDerivativeInputSpec(BaseInterfaceInputSpec):
@@ -37,7 +36,7 @@ class _PublishDerivativeOutputSpec(TraitedSpec):
 
 
 class PublishDerivative(SimpleInterface):
-    """Publish an image + sidecar at ``out_file`` (``derivatives.publish_image``).
+    """Publish an image + sidecar at ``out_file`` (:func:`brain_ldm_nodes.imaging.publish_image`).
 
     The old sidecar is removed first and the new one written last, each file atomically, so
     a sidecar next to an image always describes it, even if the process is killed midway.

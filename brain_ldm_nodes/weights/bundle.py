@@ -30,6 +30,7 @@ import jax
 import numpy as np
 
 from .._version import __version__
+from ..hashing import sha256_of  # noqa: F401  (re-exported: weights files are hashed here)
 from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ..models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
 from ..scheduler import DDIMSchedulerConfig
@@ -146,15 +147,6 @@ def _from_json(text: str, source: str) -> VAEBundleConfig | ModelBundleConfig:
         return cls(**kwargs)
     except (TypeError, ValueError) as error:
         raise BundleError(f"{source}: config.json does not describe a valid {kind} bundle: {error}") from None
-
-
-def sha256_of(path: Path) -> str:
-    """Hex sha256 of a file, streamed in 8 MiB chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # -- verification records ------------------------------------------------------------------------
@@ -536,10 +528,16 @@ def read_bundle_config(folder: Path) -> VAEBundleConfig | ModelBundleConfig:
     return _from_json(text, str(folder))
 
 
-def load_bundle_weights(
+def check_weights_file(
     folder: Path, config: VAEBundleConfig | ModelBundleConfig, *, verify: bool = True
-) -> AutoencoderKL | DiffusionModelUNet:
-    """The network of a bundle, its weights checked against the sha256 in ``config.json``."""
+) -> Path:
+    """The bundle's weights file, checked: present, readable and (``verify``) matching the
+    sha256 in ``config.json`` (:func:`verify_weights_file`).
+
+    Raises:
+        BundleError: the file is missing or does not match; :class:`UnreadableBundleError`
+            when this user may not read it.
+    """
     weights = Path(folder) / config.weights_file
     try:
         if not weights.is_file():
@@ -550,6 +548,14 @@ def load_bundle_weights(
             pass
     except PermissionError as error:
         raise UnreadableBundleError(unreadable_bundle_message(Path(folder), error)) from None
+    return weights
+
+
+def load_bundle_weights(
+    folder: Path, config: VAEBundleConfig | ModelBundleConfig, *, verify: bool = True
+) -> AutoencoderKL | DiffusionModelUNet:
+    """The network of a bundle, its weights checked against the sha256 in ``config.json``."""
+    weights = check_weights_file(folder, config, verify=verify)
     if isinstance(config, VAEBundleConfig):
         skeleton = eqx.filter_eval_shape(AutoencoderKL, config.autoencoder, key=jax.random.key(0))
     else:

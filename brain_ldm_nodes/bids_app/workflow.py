@@ -1,4 +1,4 @@
-"""The BIDS App's workflow: per requested image a publishing node, fed by a sampling node
+"""The BIDS App's Nipype workflow: per requested image a publishing node, fed by a sampling node
 (synthetic images and sweeps) or by one counterfactual node per real T1w (its counterfactuals
 and counterfactual sweep share one DDIM inversion)."""
 
@@ -8,12 +8,12 @@ import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import networkx as nx
 from nipype.pipeline import engine as pe
 from nipype.pipeline.plugins import LinearPlugin
 
-from ..derivatives import CounterfactualRequest, ImageRequest
 from ..interfaces import (
     CounterfactualSeriesT1w,
     PublishDerivative,
@@ -22,21 +22,19 @@ from ..interfaces import (
     SampleT1w,
 )
 from ..registration import TEMPLATE_NAME
-from .synthesis import FULL_SIZE_MEM_GB
+from ..workflows.synthesis import FULL_SIZE_MEM_GB
+from .requests import CounterfactualRequest, ImageRequest
 
 
 def init_brain_ldm_bids_wf(
     *,
     requests: Sequence[ImageRequest | CounterfactualRequest],
-    conditioning_files: Mapping[str, str | os.PathLike[str]],
-    output_dir: str | os.PathLike[str],
-    revision: str | None = None,
-    mem_gb: float = FULL_SIZE_MEM_GB,
     name: str = "brain_ldm_bids_wf",
+    **subject: Any,
 ) -> pe.Workflow:
     """Sample the images of ``requests`` and publish them into ``output_dir``.
 
-    Workflow graph (one sub-workflow per participant)::
+    Workflow graph (one sub-workflow per participant, :func:`init_single_subject_wf`)::
 
         single_subject_<label>_wf:  sample_t1w_<n> → ds_t1w_<n>    for each requested image n
                                     sample_<stem> → ds_<stem>      for each synthetic sweep image
@@ -50,20 +48,14 @@ def init_brain_ldm_bids_wf(
     Parameters
     ----------
     requests
-        The images to make (:func:`brain_ldm_nodes.derivatives.plan_images`, usually only
-        those :func:`~brain_ldm_nodes.derivatives.assess` found missing or outdated).
-    conditioning_files
-        Conditioning key -> conditioning JSON
-        (:func:`brain_ldm_nodes.provenance.write_conditioning`): every key of every request's
-        ``conditionings()``.
-    output_dir
-        The derivative dataset's root (absolute).
-    revision
-        Hub revision of the model (ignored for bundle folders).
-    mem_gb
-        Memory one sampling node needs (GB), for MultiProc's scheduling.
+        The images to make (:func:`brain_ldm_nodes.bids_app.plan.plan_images`, usually only
+        those :func:`~brain_ldm_nodes.bids_app.resume.assess` found missing or outdated), of
+        any participants.
     name
         Workflow name.
+    subject
+        ``conditioning_files``, ``output_dir`` and optionally ``revision`` and ``mem_gb``:
+        passed to :func:`init_single_subject_wf` for each participant.
     """
     if not requests:
         raise ValueError("no images requested: there is nothing to build a workflow for")
@@ -73,12 +65,7 @@ def init_brain_ldm_bids_wf(
         by_label.setdefault(request.label, []).append(request)
     for label, group in by_label.items():
         subject_wf = init_single_subject_wf(
-            requests=group,
-            conditioning_files=conditioning_files,
-            output_dir=output_dir,
-            revision=revision,
-            mem_gb=mem_gb,
-            name=f"single_subject_{label}_wf",
+            requests=group, name=f"single_subject_{label}_wf", **subject
         )
         workflow.add_nodes([subject_wf])
     return workflow
@@ -115,6 +102,23 @@ def init_single_subject_wf(
     none to publish (identity). A request with ``output_space="source"`` gets
     ``to_source_<stem>`` (:class:`ResampleToSource`) between the series node and its
     publisher; the series node makes each model-grid image once.
+
+    Parameters
+    ----------
+    requests
+        The images of one participant.
+    conditioning_files
+        Conditioning key -> conditioning JSON
+        (:func:`brain_ldm_nodes.provenance.write_conditioning`): every key of every request's
+        ``conditionings()``.
+    output_dir
+        The derivative dataset's root (absolute).
+    revision
+        Hub revision of the model (ignored for bundle folders).
+    mem_gb
+        Memory one sampling node needs (GB), for MultiProc's scheduling.
+    name
+        Workflow name.
     """
     workflow = pe.Workflow(name=name)
     labels = {request.label for request in requests}

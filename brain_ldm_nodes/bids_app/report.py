@@ -6,21 +6,17 @@ Written under ``output_dir/group/`` (listed in the dataset's ``.bidsignore``)::
                      raw values, source, sweep value, reconstruction error
     images.json      what each column of images.tsv means (BIDS-style column descriptions)
     report.html      per subject, its demographics, an orthogonal-slice mosaic per synthetic
-                     or counterfactual image, and a strip per sweep
+                     or counterfactual image, and a strip per sweep (:mod:`.report_html`)
     figures/<image stem>_mosaic.png
     figures/<sweep key>_strip.png     sweep images side by side, ordered by the swept value
 
 The images are found with pybids (``desc-synthetic``, ``desc-counterfactual`` and their
 ``...Sweep<Field><Value>`` T1w files of the derivative dataset); their sidecars supply the
-rest. Figures are drawn with matplotlib's object API (no pyplot state); mosaics show 5 slices
-per plane between 30 % and 70 % of the axis, strips the middle slice of each plane, all in
-neurological convention (the subject's left on the viewer's left).
+rest. The figures are drawn by :mod:`.figures`.
 """
 
 from __future__ import annotations
 
-import html
-import io
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -28,25 +24,29 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from ._version import __version__
-from .demographics import CONDITIONING_ORDER
-from .derivatives import COUNTERFACTUAL_DESC, DESC, GROUP_DIR_NAME, SWEEP_INFIX, sidecar_path
-from .imaging import atomic_write
+from ..demographics import CONDITIONING_ORDER
+from ..imaging import atomic_write
+from .errors import ReportError
+from .figures import render_mosaic, render_strip
+from .naming import COUNTERFACTUAL_DESC, DESC, GROUP_DIR_NAME, SWEEP_INFIX, sidecar_path
+from .report_html import html_report, sweep_label, sweep_title
 
 __all__ = [
+    "COLUMN_DESCRIPTIONS",
     "GeneratedImage",
     "GroupReport",
+    "KINDS",
     "ReportError",
+    "TSV_COLUMNS",
     "collect_images",
+    "image_kind",
     "image_rows",
     "render_mosaic",
     "render_strip",
     "write_group_report",
 ]
 
-SLICE_FRACTIONS = (0.3, 0.4, 0.5, 0.6, 0.7)
+
 TSV_COLUMNS = (
     "participant_id", "run", "image", "seed", "base_seed", "sample_index",
     "num_inference_steps", "scheduler", *CONDITIONING_ORDER, "age_years",
@@ -86,7 +86,6 @@ COLUMN_DESCRIPTIONS = {
     "reconstruction_error_latent": "Counterfactuals: ||regenerated latent - latent|| / ||latent|| "
     "(the DDIM inversion's error alone)",
 }
-
 #: desc label -> kind, for the desc labels this package writes.
 KINDS = {DESC: "synthetic", COUNTERFACTUAL_DESC: "counterfactual"}
 
@@ -100,10 +99,6 @@ def image_kind(desc: str | None) -> str | None:
         if desc and desc.startswith(base + SWEEP_INFIX) and desc[len(base + SWEEP_INFIX):]:
             return f"{kind}_sweep"
     return None
-
-
-class ReportError(ValueError):
-    """The group level cannot run; the one-line message says why."""
 
 
 @dataclass(frozen=True)
@@ -287,282 +282,6 @@ def _write_tsv(rows: Sequence[Mapping[str, str]], path: Path) -> Path:
     return _write_text(path, "\n".join(lines) + "\n")
 
 
-# --------------------------------------------------------------------------- mosaics
-
-
-def _planes(volume: np.ndarray) -> list[tuple[str, list[np.ndarray]]]:
-    """Sagittal, coronal and axial slices of an LAS volume, oriented for ``imshow(origin="lower")``:
-    anterior or superior up, the subject's left on the viewer's left (neurological)."""
-    size_x, size_y, size_z = volume.shape
-
-    def picks(size: int) -> list[int]:
-        return sorted({min(size - 1, int(round(f * (size - 1)))) for f in SLICE_FRACTIONS})
-
-    # LAS: x runs right -> left, so showing x increasing to the right puts the subject's left
-    # on the viewer's right; flip x for the neurological convention.
-    return [
-        ("sagittal", [volume[i, :, :].T for i in picks(size_x)]),             # y right, z up
-        ("coronal", [volume[::-1, j, :].T for j in picks(size_y)]),           # x (L..R), z up
-        ("axial", [volume[::-1, :, k].T for k in picks(size_z)]),             # x (L..R), y up
-    ]
-
-
-def render_mosaic(image: str | os.PathLike[str], out_png: str | os.PathLike[str], *,
-                  title: str = "") -> Path:
-    """Draw 5 slices per plane (rows: sagittal, coronal, axial) of a 3-D NIfTI into a PNG.
-
-    Grey levels span the 0.5th to 99.5th percentile of the volume. Written atomically.
-    """
-    import nibabel as nib
-    from matplotlib.figure import Figure
-
-    volume = np.asarray(nib.load(image).dataobj, dtype=np.float32)
-    if volume.ndim != 3:
-        raise ReportError(f"{image}: expected a 3-D image, got shape {volume.shape}")
-    low, high = np.percentile(volume, [0.5, 99.5])
-    if not high > low:
-        high = low + 1.0
-    planes = _planes(volume)
-    columns = max(len(slices) for _, slices in planes)
-    figure = Figure(figsize=(1.6 * columns, 1.7 * len(planes) + 0.3), facecolor="black")
-    grid = figure.subplots(len(planes), columns, squeeze=False)
-    for row, (plane, slices) in enumerate(planes):
-        for column in range(columns):
-            axes = grid[row][column]
-            axes.set_axis_off()
-            if column < len(slices):
-                axes.imshow(slices[column], cmap="gray", vmin=low, vmax=high, origin="lower",
-                            interpolation="nearest")
-        grid[row][0].text(-0.08, 0.5, plane, color="white", fontsize=8, rotation=90,
-                          ha="right", va="center", transform=grid[row][0].transAxes)
-    for row, (left, right) in enumerate([("P", "A"), ("L", "R"), ("L", "R")]):
-        for side, x in ((left, 0.02), (right, 0.9)):
-            grid[row][0].text(x, 0.04, side, color="yellow", fontsize=7,
-                              transform=grid[row][0].transAxes)
-    if title:
-        figure.suptitle(title, color="white", fontsize=9)
-    figure.subplots_adjust(left=0.05, right=0.99, bottom=0.01, top=0.92 if title else 0.99,
-                           wspace=0.03, hspace=0.05)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, facecolor="black",
-                   metadata={"Software": f"brain-ldm-nodes {__version__} (matplotlib)"})
-    payload = buffer.getvalue()
-    return atomic_write(out_png, lambda handle: handle.write(payload))
-
-
-def _middle_slices(volume: np.ndarray) -> list[tuple[str, np.ndarray]]:
-    """The middle sagittal, coronal and axial slices, oriented as :func:`_planes` does."""
-    x, y, z = (size // 2 for size in volume.shape)
-    return [("sagittal", volume[x, :, :].T), ("coronal", volume[::-1, y, :].T),
-            ("axial", volume[::-1, :, z].T)]
-
-
-def render_strip(images: Sequence[str | os.PathLike[str]], labels: Sequence[str],
-                 out_png: str | os.PathLike[str], *, title: str = "") -> Path:
-    """Draw 3-D NIfTIs side by side (columns, in the order given, each headed by its label)
-    as their middle sagittal, coronal and axial slices (rows), into a PNG.
-
-    One grey scale for all of them (0.5th to 99.5th percentile of all voxels), so that
-    intensity differences along the strip show. Written atomically.
-    """
-    import nibabel as nib
-    from matplotlib.figure import Figure
-
-    if len(images) != len(labels) or not images:
-        raise ReportError(f"render_strip: {len(images)} images and {len(labels)} labels")
-    volumes = [np.asarray(nib.load(image).dataobj, dtype=np.float32) for image in images]
-    shapes = {volume.shape for volume in volumes}
-    if len(shapes) != 1 or len(next(iter(shapes))) != 3:
-        raise ReportError(f"render_strip: expected 3-D images of one shape, got {sorted(shapes)}")
-    low, high = np.percentile(np.concatenate([v.ravel() for v in volumes]), [0.5, 99.5])
-    if not high > low:
-        high = low + 1.0
-    columns, rows = len(volumes), 3
-    figure = Figure(figsize=(1.5 * columns + 0.4, 1.5 * rows + (0.7 if title else 0.4)),
-                    facecolor="black")
-    grid = figure.subplots(rows, columns, squeeze=False)
-    for column, (volume, label) in enumerate(zip(volumes, labels)):
-        for row, (plane, data) in enumerate(_middle_slices(volume)):
-            axes = grid[row][column]
-            axes.set_axis_off()
-            axes.imshow(data, cmap="gray", vmin=low, vmax=high, origin="lower",
-                        interpolation="nearest")
-            if column == 0:
-                axes.text(-0.08, 0.5, plane, color="white", fontsize=8, rotation=90,
-                          ha="right", va="center", transform=axes.transAxes)
-        grid[0][column].set_title(label, color="white", fontsize=8, pad=3)
-    for row, (left, right) in enumerate([("P", "A"), ("L", "R"), ("L", "R")]):
-        for side, x in ((left, 0.02), (right, 0.88)):
-            grid[row][0].text(x, 0.04, side, color="yellow", fontsize=7,
-                              transform=grid[row][0].transAxes)
-    if title:
-        figure.suptitle(title, color="white", fontsize=9)
-    top = 1 - (0.75 if title else 0.35) / (1.5 * rows + (0.7 if title else 0.4))
-    figure.subplots_adjust(left=0.4 / (1.5 * columns + 0.4), right=0.995, bottom=0.01,
-                           top=top, wspace=0.03, hspace=0.05)
-    buffer = io.BytesIO()
-    figure.savefig(buffer, format="png", dpi=100, facecolor="black",
-                   metadata={"Software": f"brain-ldm-nodes {__version__} (matplotlib)"})
-    payload = buffer.getvalue()
-    return atomic_write(out_png, lambda handle: handle.write(payload))
-
-
-def _sweep_label(image: GeneratedImage) -> str:
-    """A strip column's heading: ``50 y``, ``+10 y (73 y)``, ``female``, ``0.4``."""
-    sweep = image.sidecar.get("Sweep") or {}
-    field, value = sweep.get("Field"), str(sweep.get("Value", "?"))
-    entry = ((image.conditioning.get("Derivation") or {}).get(field) or {})
-    if field == "sex":
-        return {"F": "female", "M": "male"}.get(value, value)
-    if field == "age":
-        years = entry.get("age_years")
-        shown = f"{years:g} y" if isinstance(years, (int, float)) else ""
-        return f"{value} y ({shown})" if value[:1] in "+-" and shown else f"{value} y"
-    resolved = entry.get("value")
-    if value[:1] in "+-" and isinstance(resolved, (int, float)):
-        return f"{value} ({resolved:.3g})"
-    return value
-
-
-def _sweep_title(members: Sequence[GeneratedImage]) -> str:
-    first = members[0]
-    sweep = first.sidecar.get("Sweep") or {}
-    name = str(sweep.get("Field", "?"))
-    entry = (first.conditioning.get("Derivation") or {}).get(name) or {}
-    own = entry.get("from_age_years", entry.get("from_value"))
-    own_text = (f" (own {own:.3g}{' y' if name == 'age' else ''})"
-                if isinstance(own, (int, float)) and name != "sex" else "")
-    field = name.replace("_", " ")
-    if first.kind == "counterfactual_sweep":
-        source = (first.sidecar.get("Sources") or ["?"])[0]
-        return (f"sub-{first.label}: {field} sweep{own_text} of {source.rsplit('/', 1)[-1]} "
-                "(inverted)")
-    return (f"sub-{first.label}: {field} sweep{own_text}, synthetic, "
-            f"seed {first.sidecar.get('Seed', '?')}")
-
-
-# --------------------------------------------------------------------------- HTML
-
-_STYLE = """
-body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 70em; color: #222; }
-h1 { font-size: 1.5em; } h2 { font-size: 1.2em; border-bottom: 1px solid #ccc; }
-.warning { background: #fff3cd; border: 1px solid #e0c36a; padding: .6em 1em; }
-table { border-collapse: collapse; font-size: .85em; margin: .5em 0 1em; }
-th, td { border: 1px solid #ddd; padding: .2em .5em; text-align: left; }
-th { background: #f3f3f3; }
-figure { display: inline-block; margin: .5em 1em .5em 0; }
-figure img { background: black; max-width: 100%; }
-figcaption { font-size: .8em; color: #444; max-width: 40em; }
-code { font-size: .9em; }
-"""
-
-
-def _e(value: Any) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _short(cell: str) -> str:
-    """A TSV cell for reading: numbers to 4 significant digits, text as is."""
-    try:
-        return f"{float(cell):.4g}"
-    except ValueError:
-        return cell
-
-
-def _conditioning_text(row: Mapping[str, str]) -> str:
-    sex = {"0.0": "female", "1.0": "male"}.get(row["sex"], _short(row["sex"]))
-    return (f"sex {sex}, age {_short(row['age'])} ({_short(row['age_years'])} y), "
-            f"ventricular volume {_short(row['ventricular_volume'])}, "
-            f"brain volume {_short(row['brain_volume'])}")
-
-
-def _caption(image: GeneratedImage, row: Mapping[str, str]) -> str:
-    """A mosaic's caption: path, seed or source + edit + reconstruction error, conditioning."""
-    parts = [image.relative_path.as_posix()]
-    if image.kind == "counterfactual":
-        parts += [f"from {row['source']}", f"edit {row['edit']}",
-                  f"reconstruction RMS {_short(row['reconstruction_error_rms'])}, latent "
-                  f"{_short(row['reconstruction_error_latent'])}"]
-    else:
-        parts.append(f"seed {row['seed']}")
-    return " · ".join(parts + [_conditioning_text(row)])
-
-
-def _html_report(description: Mapping[str, Any], images: Sequence[GeneratedImage],
-                 rows: Sequence[Mapping[str, str]], figures: Mapping[str, str],
-                 problems: Sequence[str],
-                 strips: Mapping[str, tuple[str, Sequence[GeneratedImage]]] | None = None,
-                 ) -> str:
-    participants = sorted({image.label for image in images})
-    sources = ", ".join(
-        entry.get("DOI") or entry.get("URL") or "?"
-        for entry in description.get("SourceDatasets") or [] if isinstance(entry, Mapping)
-    )
-    models = sorted({row["model_weights_sha256"] for row in rows})
-    out = [
-        "<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
-        f"<title>brain-ldm-bids group report: {_e(description.get('Name', ''))}</title>",
-        f"<style>{_STYLE}</style>", "</head>", "<body>",
-        "<h1>Synthetic T1w images: group report</h1>",
-        '<p class="warning">Every image here is <b>output of the Brain LDM</b>, a generative '
-        "model: sampled using the participant's demographics or, for counterfactuals, "
-        "regenerated from the participant's real T1w (inverted to its starting noise) under "
-        "edited demographics; none was acquired from a person.</p>",
-        "<table>",
-        f"<tr><th>Dataset</th><td>{_e(description.get('Name', ''))}</td></tr>",
-        f"<tr><th>Source datasets</th><td>{_e(sources or 'n/a')}</td></tr>",
-        f"<tr><th>Participants</th><td>{len(participants)}</td></tr>",
-        f"<tr><th>Images</th><td>{len(images)}</td></tr>",
-        "<tr><th>Model weights (sha256)</th>"
-        f"<td><code>{'<br>'.join(map(_e, models))}</code></td></tr>",
-        f"<tr><th>Report</th><td>brain-ldm-bids {_e(__version__)}; table: "
-        '<a href="images.tsv">images.tsv</a></td></tr>',
-        "</table>",
-    ]
-    if problems:
-        out.append("<h2>Notes</h2><ul>" + "".join(f"<li>{_e(p)}</li>" for p in problems) + "</ul>")
-    out.append("<h2>All images</h2><table><tr>" + "".join(
-        f"<th>{_e(c)}</th>" for c in ("participant_id", "kind", "session", "run", "seed",
-                                       *CONDITIONING_ORDER, "age_years", "edit / sweep",
-                                       "outside_unit_range")) + "</tr>")
-    for row in rows:
-        cells = [f'<a href="#{_e(row["participant_id"])}">{_e(row["participant_id"])}</a>']
-        cells += [_e(row["kind"]), _e(row["session"]), _e(row["run"]), _e(row["seed"])]
-        cells += [_e(_short(row[c])) for c in (*CONDITIONING_ORDER, "age_years")]
-        swept = (f"{row['sweep_field']}={row['sweep_value']}"
-                 if row["sweep_field"] != "n/a" else row["edit"])
-        cells += [_e(swept), _e(row["outside_unit_range"])]
-        out.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-    out.append("</table>")
-    for label in participants:
-        subject = [(image, row) for image, row in zip(images, rows) if image.label == label]
-        demographics = subject[0][0].sidecar.get("Demographics") or {}
-        raw = ", ".join(f"{k} = {v!r}" for k, v in (demographics.get("Values") or {}).items())
-        out.append(f'<section id="sub-{_e(label)}"><h2>sub-{_e(label)}</h2>')
-        source = demographics.get("Source", "participants.tsv")
-        out.append(f"<p>{_e(source)}: {_e(raw or 'n/a')}</p>")
-        for image, row in subject:
-            if image.stem not in figures:
-                continue  # a sweep image: in its strip below
-            out.append(
-                f'<figure><img src="{_e(figures[image.stem])}" loading="lazy" '
-                f'alt="slices of {_e(image.stem)}"><figcaption>{_e(_caption(image, row))}'
-                "</figcaption></figure>"
-            )
-        for key, (png, members) in (strips or {}).items():
-            if members[0].label != label:
-                continue
-            caption = (f"{_sweep_title(members)}: {len(members)} images ordered by the swept "
-                       "value, same starting noise; middle slices, one grey scale")
-            out.append(
-                f'<figure><img src="{_e(png)}" loading="lazy" alt="sweep {_e(key)}">'
-                f"<figcaption>{_e(caption)}</figcaption></figure>"
-            )
-        out.append("</section>")
-    out += ["</body>", "</html>"]
-    return "\n".join(out) + "\n"
-
-
 def write_group_report(
     output_dir: str | os.PathLike[str],
     *,
@@ -609,8 +328,8 @@ def write_group_report(
     strips: dict[str, tuple[str, list[GeneratedImage]]] = {}
     for key, members in sweeps.items():
         png = figures_dir / f"{key}_strip.png"
-        render_strip([m.path for m in members], [_sweep_label(m) for m in members], png,
-                     title=_sweep_title(members))
+        render_strip([m.path for m in members], [sweep_label(m) for m in members], png,
+                     title=sweep_title(members))
         strips[key] = (png.relative_to(group).as_posix(), members)
         if progress is not None:
             progress("strip of %s (%d images)", key, len(members))
@@ -623,5 +342,5 @@ def write_group_report(
     columns = {name: {"Description": COLUMN_DESCRIPTIONS[name]} for name in TSV_COLUMNS}
     _write_text(group / "images.json", json.dumps(columns, indent=2, sort_keys=True) + "\n")
     page = _write_text(group / "report.html",
-                       _html_report(description, images, rows, figures, problems, strips))
+                       html_report(description, images, rows, figures, problems, strips))
     return GroupReport(table, page, len(images), len({i.label for i in images}), tuple(problems))
