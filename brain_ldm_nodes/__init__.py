@@ -18,7 +18,7 @@ _EXPORTS = {
     "DiffusionModelUNet": "models",
     "DiffusionModelUNetConfig": "models",
     "BrainLDM": "pipeline",
-    "CONDITIONING_ORDER": "pipeline",
+    "CONDITIONING_ORDER": "conditioning",
     "IMAGE_SHAPE": "pipeline",
     "initial_noise": "pipeline",
     "DDIMSchedulerConfig": "scheduler",
@@ -29,7 +29,8 @@ __all__ = sorted([*_EXPORTS, "__version__"])
 
 if TYPE_CHECKING:  # pragma: no cover
     from .models import AutoencoderKL, AutoencoderKLConfig, DiffusionModelUNet, DiffusionModelUNetConfig
-    from .pipeline import CONDITIONING_ORDER, IMAGE_SHAPE, BrainLDM, initial_noise
+    from .conditioning import CONDITIONING_ORDER
+    from .pipeline import IMAGE_SHAPE, BrainLDM, initial_noise
     from .scheduler import DDIMSchedulerConfig
     from .scheduler_names import SCHEDULERS
 

@@ -19,8 +19,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ._version import __version__
-from .demographics import CONDITIONING_ORDER, Conditioning, DemographicsPolicy
-from .imaging import MODEL_ORIENTATION, model_affine, write_json
+from .conditioning import CONDITIONING_ORDER, Conditioning
+from .demographics import DemographicsPolicy
+from .grid import MODEL_ORIENTATION, model_affine
+from .imaging import write_json
 from .scheduler_names import SCHEDULER_METHODS, check_scheduler
 from .seeding import initial_noise_description
 

@@ -29,7 +29,9 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
-from ..demographics import CONDITIONING_ORDER, VOLUME_FIELDS, DemographicsError, DemographicsPolicy
+from ..conditioning import CONDITIONING_ORDER, DemographicsError
+from ..demographics import VOLUME_FIELDS, DemographicsPolicy
+from ..demographics.values import read_json_file
 from .dataset import shorten
 from .errors import BidsConfigError, BidsDatasetError
 
@@ -205,16 +207,8 @@ class BidsConfig:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> BidsConfig:
         """Load a configuration file (format in the module docstring)."""
-        source = Path(path)
-        try:
-            text = source.read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as exc:
-            raise BidsConfigError(f"{source}: cannot read the configuration ({exc})") from None
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise BidsConfigError(f"{source}: not valid JSON ({exc})") from None
-        return cls.from_dict(data, source=str(source))
+        data = read_json_file(path, "the configuration", BidsConfigError)
+        return cls.from_dict(data, source=str(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable; ``from_dict(to_dict())`` gives an equal config."""

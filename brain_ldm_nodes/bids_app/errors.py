@@ -4,7 +4,7 @@ row, column or argument, what is wrong and what is accepted (no traceback).
 
 from __future__ import annotations
 
-from ..demographics import DemographicsError
+from ..conditioning import DemographicsError
 
 __all__ = [
     "BidsConfigError",

@@ -132,7 +132,7 @@ def plugin_settings(args: Namespace) -> tuple[str, dict[str, Any]]:
 
 def node_mem_gb(image_shape: Sequence[int]) -> float:
     """Memory one sampling node needs: the full-grid figure scaled by the grid's size."""
-    from ..workflows.synthesis import FULL_SIZE_MEM_GB
+    from ..workflows._common import FULL_SIZE_MEM_GB
 
     scale = math.prod(image_shape) / math.prod(MODEL_GRID_SHAPE)
     return round(max(0.25, FULL_SIZE_MEM_GB * scale), 2)
@@ -143,7 +143,7 @@ def demographics_config(args: Namespace) -> BidsConfig:
     from dataclasses import replace
 
     from .columns import BidsConfig
-    from ..demographics import DemographicsError
+    from ..conditioning import DemographicsError
 
     config = BidsConfig.from_json(args.demographics_config) if args.demographics_config \
         else BidsConfig()
@@ -169,7 +169,8 @@ def edits_and_sweeps(
 ) -> tuple[tuple[Any, ...], tuple[Any, ...]]:
     """``--counterfactual`` edits and ``--sweep`` sweeps, checked together and against the
     demographics policy (absolute values outside [0, 1] under out_of_range 'error')."""
-    from ..demographics import Conditioning, DemographicsPolicy
+    from ..conditioning import Conditioning
+    from ..demographics import DemographicsPolicy
     from ..edits import EditError, apply_edits
 
     policy = policy or DemographicsPolicy()

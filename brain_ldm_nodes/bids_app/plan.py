@@ -12,7 +12,7 @@ from ..hashing import sha256_of
 from .requests import CounterfactualRequest, ImageRequest, SweepPoint
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps pybids out of this module's imports
-    from ..demographics import Conditioning
+    from ..conditioning import Conditioning
     from ..edits import EditValue, Sweep
     from ..weights.identity import ModelIdentity
     from .participants import Participant, ParticipantsTable

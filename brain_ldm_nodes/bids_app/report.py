@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ..demographics import CONDITIONING_ORDER
+from ..conditioning import CONDITIONING_ORDER
 from ..imaging import atomic_write
 from .errors import ReportError
 from .figures import render_mosaic, render_strip

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from .._version import __version__
-from ..demographics import CONDITIONING_ORDER
+from ..conditioning import CONDITIONING_ORDER
 
 if TYPE_CHECKING:  # pragma: no cover
     from .report import GeneratedImage

@@ -33,7 +33,7 @@ from .naming import (
 from .resume import lookup
 
 if TYPE_CHECKING:  # pragma: no cover - typing only; keeps pybids out of this module's imports
-    from ..demographics import Conditioning
+    from ..conditioning import Conditioning
     from ..edits import EditValue, Sweep
     from ..weights.identity import ModelIdentity
     from .participants import Participant

@@ -22,7 +22,7 @@ from ..interfaces import (
     SampleT1w,
 )
 from ..registration import TEMPLATE_NAME
-from ..workflows.synthesis import FULL_SIZE_MEM_GB
+from ..workflows._common import FULL_SIZE_MEM_GB
 from .requests import CounterfactualRequest, ImageRequest
 
 

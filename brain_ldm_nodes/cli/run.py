@@ -33,7 +33,7 @@ EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 1, 2, 130
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     """Exceptions whose message is the whole story (imports deferred: they pull in JAX)."""
-    from ..demographics import DemographicsError
+    from ..conditioning import DemographicsError
     from ..weights.bundle import BundleError
 
     return (UsageError, FailedImages, BidsDatasetError, DemographicsError, OutputDirError,

@@ -14,7 +14,7 @@ from types import MappingProxyType
 from typing import Any, Literal
 
 from ..conditioning import CONDITIONING_ORDER, DemographicsError
-from .values import _as_float, canonical_code
+from .values import _as_float, canonical_code, read_json_file
 
 __all__ = [
     "BUNDLE_DEFAULTS",
@@ -198,16 +198,8 @@ class DemographicsPolicy:
     @classmethod
     def from_json(cls, path: str | os.PathLike[str]) -> DemographicsPolicy:
         """Load from a JSON file holding an object with any of the fields (see the class doc)."""
-        source = Path(path)
-        try:
-            text = source.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise DemographicsError(f"{source}: cannot read demographics policy ({exc})") from exc
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise DemographicsError(f"{source}: not valid JSON ({exc})") from exc
-        return cls.from_dict(data, source=str(source))
+        data = read_json_file(path, "demographics policy")
+        return cls.from_dict(data, source=str(Path(path)))
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable dict; ``from_dict(to_dict())`` gives an equal policy."""

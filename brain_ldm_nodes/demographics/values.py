@@ -5,13 +5,17 @@ No policy here: :mod:`.parsing` and :mod:`.normalise` build on these.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from ..conditioning import DemographicsError
 
-__all__ = ["MISSING_TOKENS", "canonical_code", "is_missing"]
+__all__ = ["MISSING_TOKENS", "canonical_code", "is_missing", "read_json_file"]
 
 MISSING_TOKENS: frozenset[str] = frozenset(
     {"", "n/a", "na", "nan", "none", "null", "missing", "unknown", "-", "?"}
@@ -79,3 +83,19 @@ def _raw_for_record(value: object) -> object:
             return int(value)
         return number
     return str(value)
+
+
+def read_json_file(
+    path: str | os.PathLike[str], what: str, error: type[ValueError] = DemographicsError
+) -> Any:
+    """The JSON document in ``path`` (UTF-8); ``error`` naming the file and ``what`` it is
+    (e.g. "the configuration") when it cannot be read, is not UTF-8 or is not valid JSON."""
+    source = Path(path)
+    try:
+        text = source.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise error(f"{source}: cannot read {what} ({exc})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise error(f"{source}: not valid JSON ({exc})") from None

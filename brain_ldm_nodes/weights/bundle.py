@@ -30,6 +30,8 @@ import jax
 import numpy as np
 
 from .._version import __version__
+from ..conditioning import CONDITIONING_ORDER
+from ..grid import MODEL_GRID_SHAPE
 from ..hashing import sha256_of  # noqa: F401  (re-exported: weights files are hashed here)
 from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from ..models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
@@ -95,8 +97,8 @@ class ModelBundleConfig:
     base: BaseReference
     weights_file: str = UNET_WEIGHTS
     weights_sha256: str = ""
-    conditioning_order: tuple[str, ...] = ("sex", "age", "ventricular_volume", "brain_volume")
-    image_shape: tuple[int, int, int] = (160, 224, 160)
+    conditioning_order: tuple[str, ...] = CONDITIONING_ORDER
+    image_shape: tuple[int, int, int] = MODEL_GRID_SHAPE
     bundle_type: Literal["brain_ldm.1"] = MODEL_BUNDLE
     format_version: int = FORMAT_VERSION
     provenance: Mapping[str, Any] = dataclasses.field(default_factory=dict)
@@ -333,7 +335,7 @@ def save_model_bundle(
     base: BaseReference,
     *,
     provenance: Mapping[str, Any] | None = None,
-    image_shape: tuple[int, int, int] = (160, 224, 160),
+    image_shape: tuple[int, int, int] = MODEL_GRID_SHAPE,
 ) -> Path:
     """Write a ``brain_ldm.1`` bundle (U-Net + scheduler, referring to ``base``) into ``folder``.
 
