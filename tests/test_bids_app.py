@@ -37,11 +37,9 @@ from brain_ldm_nodes.weights.bundle import read_bundle_config
 from bids_app_support import (
     CONSOLE_SCRIPT,
     app,
-    completed_output,
     console,
     console_env,
     copy_dataset,
-    tiny_model_path,
     tree,
     validator_errors,
 )
@@ -55,16 +53,6 @@ MINIMAL = {  # ds-minimal: label -> (raw cells, conditioning) as bids_examples/R
     "03": ({"sex": "F", "age": "82", "ventricular_volume": "0.7", "brain_volume": "0.9"},
            [0.0, 1.0, 0.7, 0.9]),
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    return completed_output(tmp_path_factory, tiny_model)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -27,9 +27,7 @@ from brain_ldm_nodes.derivatives import OutputLock
 from bids_app_support import (
     CONSOLE_SCRIPT,
     app,
-    completed_output,
     console_env,
-    tiny_model_path,
     tree,
 )
 from test_interfaces import STEPS
@@ -385,16 +383,6 @@ ODD = {  # a participant's values: skipped with a reason naming row and column; 
                    c.participant())[1], 0, (
             "summary: 0 images written, 3 already complete, 0 sidecars updated",)),
 }
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    return completed_output(tmp_path_factory, tiny_model)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import pytest
 from brain_ldm_nodes.bids import BidsDatasetError, default_column_rank, read_participants
 from brain_ldm_nodes.report import write_group_report
 
-from bids_app_support import app, tiny_model_path, validator_errors
+from bids_app_support import app, validator_errors
 from test_interfaces import STEPS
 
 # --------------------------------------------------------------------------- the tables
@@ -94,11 +94,6 @@ def numeric_dataset(root: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- runs
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", autouse=True)
