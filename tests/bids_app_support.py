@@ -94,8 +94,8 @@ def validator_errors(folder: Path) -> list[dict]:
 
 def completed_output(tmp_path_factory: pytest.TempPathFactory, model: Path) -> tuple[Path, Path]:
     """A finished participant run of ds-minimal (3 images), made once per session (the
-    ``template`` fixture, tests/conftest.py): ``(dataset copy, output folder)``. Copy the folder
-    before changing anything in it."""
+    ``finished_run`` fixture, tests/conftest.py): ``(dataset copy, output folder)``. Copy the
+    folder before changing anything in it."""
     base = tmp_path_factory.getbasetemp() / "bids_app_template"
     dataset, output = base / "ds-minimal", base / "out"
     if not (output / "dataset_description.json").exists():

@@ -2,12 +2,12 @@
 
 - ``tiny_model``: the tiny random-weight ``brain_ldm.1`` bundle folder on disk (its VAE bundle
   beside it), for the nodes, workflows and the BIDS App.
-- ``template``: ds-minimal and a finished participant run of it with ``tiny_model``.
+- ``finished_run``: ds-minimal and a finished participant run of it with ``tiny_model``.
 - ``tiny_oracle``: a tiny MONAI autoencoder and U-Net (the oracle, perturbed random weights)
   and our ``BrainLDM`` holding the same weights, for parity tests.
 
-The helpers they use are imported when a fixture is first requested, so that modules that need
-none of them (and ``pytest --collect-only``) do not pay for Nipype, JAX or PyTorch here.
+The helpers they use are imported when a fixture is first requested: a module that needs none
+of them imports no Nipype, JAX or PyTorch on this file's account.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 if TYPE_CHECKING:
     from brain_ldm_nodes import BrainLDM
+
 
 class TinyOracle(NamedTuple):
     """Our tiny model and the MONAI modules whose weights it holds."""
@@ -42,7 +43,7 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def template(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, Path]:
+def finished_run(tmp_path_factory: pytest.TempPathFactory, tiny_model: Path) -> tuple[Path, Path]:
     """``(dataset, output)``: ds-minimal and a finished participant run of it (3 images) with
     ``tiny_model``. Shared by every test of the session: copy them before changing anything."""
     from bids_app_support import completed_output

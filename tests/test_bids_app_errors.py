@@ -386,10 +386,10 @@ ODD = {  # a participant's values: skipped with a reason naming row and column; 
 
 
 @pytest.fixture
-def ctx(tmp_path, tiny_model, template, monkeypatch) -> Ctx:
+def ctx(tmp_path, tiny_model, finished_run, monkeypatch) -> Ctx:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("BRAIN_LDM_MODEL", raising=False)
-    dataset, out = template
+    dataset, out = finished_run
     return Ctx(shutil.copytree(dataset, tmp_path / "ds-minimal"),
                shutil.copytree(out, tmp_path / "out"), tiny_model, tmp_path)
 

@@ -68,9 +68,9 @@ def project_with_relative_model(tmp_path, tiny_model, monkeypatch) -> Path:
     """A project folder holding ``converted/brain_ldm.1`` (the tiny bundle), as the cwd."""
     project = tmp_path / "project"
     (project / "converted").mkdir(parents=True)
-    tiny = tiny_model
-    (project / "converted" / "brain_ldm.1").symlink_to(tiny)
-    (project / "converted" / (tiny.name + "-vae")).symlink_to(tiny.with_name(tiny.name + "-vae"))
+    (project / "converted" / "brain_ldm.1").symlink_to(tiny_model)
+    vae = tiny_model.with_name(tiny_model.name + "-vae")
+    (project / "converted" / vae.name).symlink_to(vae)
     monkeypatch.chdir(project)
     return project
 

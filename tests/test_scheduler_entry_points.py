@@ -54,9 +54,9 @@ def test_synthesis_workflow_passes_the_scheduler_to_its_sampler():
 
 
 def test_bids_app_scheduler_is_recorded_and_a_different_one_is_a_different_image(
-    tmp_path, tiny_model, template
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, finished = template
+    dataset, finished = finished_run
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     image = out / "sub-02/anat/sub-02_desc-synthetic_T1w.nii.gz"
@@ -87,10 +87,10 @@ def test_bids_app_scheduler_is_recorded_and_a_different_one_is_a_different_image
 
 
 def test_bids_app_ddim_sidecar_without_a_scheduler_name_is_only_refreshed(
-    tmp_path, tiny_model, template
+    tmp_path, tiny_model, finished_run
 ):
     """Outputs written before --scheduler existed (no Sampler.Name) are DDIM: not resampled."""
-    dataset, finished = template
+    dataset, finished = finished_run
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     sidecar = out / "sub-01/anat/sub-01_desc-synthetic_T1w.json"
@@ -107,9 +107,9 @@ def test_bids_app_ddim_sidecar_without_a_scheduler_name_is_only_refreshed(
 
 
 def test_bids_app_counterfactuals_refuse_another_scheduler_in_one_line(
-    tmp_path, tiny_model, template
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, _ = template
+    dataset, _ = finished_run
     done = app(dataset, tmp_path / "out", "participant", "--model", tiny_model,
                "--counterfactual", "age=+10", "--scheduler", "unipc")
     assert done.code == 2 and len(done.err_lines) == 1, done.err
@@ -117,9 +117,9 @@ def test_bids_app_counterfactuals_refuse_another_scheduler_in_one_line(
 
 
 def test_bids_app_solver_with_as_many_steps_as_training_steps_is_refused_in_one_line(
-    tmp_path, tiny_model, template
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, _ = template
+    dataset, _ = finished_run
     done = app(dataset, tmp_path / "out", "participant", "--model", tiny_model,
                "--num-inference-steps", 1000, "--scheduler", "dpmpp-2m")
     assert done.code == 2 and len(done.err_lines) == 1, done.err
