@@ -8,7 +8,9 @@ handful of float32 operations on top, so ≤ 1e-6 still holds and anything worse
 
 End-to-end tolerance 1e-3 (normwise relative, on the decoded image): 10–50 U-Net evaluations
 each within ~1e-5 of MONAI feed back through the DDIM recursion; the sampler is a
-contraction in practice but the error budget of the issue is 1e-3 and we see ~1e-5.
+contraction in practice but the error budget of the issue is 1e-3. Measured with the tiny
+networks (``tiny_oracle``, tests/conftest.py): latents 1.1e-6 / 1.6e-6, images 1.3e-6 at 10 / 50
+steps. The released configuration, 3 steps and the decode: tests/test_parity_sampler_full.py.
 """
 
 from __future__ import annotations
