@@ -17,7 +17,7 @@ import pytest
 from brain_ldm_nodes.cli.run import main
 from brain_ldm_nodes.bids_app.naming import DEFAULT_WORK_DIR_NAME
 
-from test_interfaces import REPO, STEPS, build_tiny_bundle
+from test_interfaces import REPO, STEPS
 
 EXAMPLES = REPO / "bids_examples"
 CONSOLE_SCRIPT = Path(sys.executable).with_name("brain-ldm-bids")
@@ -92,13 +92,10 @@ def validator_errors(folder: Path) -> list[dict]:
     return [issue for issue in validator_issues(folder) if issue["severity"] == "error"]
 
 
-def tiny_model_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_tiny_bundle(tmp_path_factory)
-
-
 def completed_output(tmp_path_factory: pytest.TempPathFactory, model: Path) -> tuple[Path, Path]:
-    """A finished participant run of ds-minimal (3 images), made once per session:
-    ``(dataset copy, output folder)``. Copy the folder before changing anything in it."""
+    """A finished participant run of ds-minimal (3 images), made once per session (the
+    ``finished_run`` fixture, tests/conftest.py): ``(dataset copy, output folder)``. Copy the
+    folder before changing anything in it."""
     base = tmp_path_factory.getbasetemp() / "bids_app_template"
     dataset, output = base / "ds-minimal", base / "out"
     if not (output / "dataset_description.json").exists():

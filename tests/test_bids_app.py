@@ -33,11 +33,9 @@ from brain_ldm_nodes.weights.bundle import read_bundle_config
 from bids_app_support import (
     CONSOLE_SCRIPT,
     app,
-    completed_output,
     console,
     console_env,
     copy_dataset,
-    tiny_model_path,
     tree,
     validator_errors,
 )
@@ -51,16 +49,6 @@ MINIMAL = {  # ds-minimal: label -> (raw cells, conditioning) as bids_examples/R
     "03": ({"sex": "F", "age": "82", "ventricular_volume": "0.7", "brain_volume": "0.9"},
            [0.0, 1.0, 0.7, 0.9]),
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
-
-
-@pytest.fixture(scope="session")
-def template(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    return completed_output(tmp_path_factory, tiny_model)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -194,8 +182,10 @@ def test_ds_messy_skips_unusable_participants_with_reasons_and_passes_the_valida
     assert validator_errors(out) == []
 
 
-def test_an_image_depends_on_base_seed_participant_and_index_only(tmp_path, tiny_model, template):
-    dataset, full_run = template
+def test_an_image_depends_on_base_seed_participant_and_index_only(
+    tmp_path, tiny_model, finished_run
+):
+    dataset, full_run = finished_run
     alone = tmp_path / "alone"
     assert participant(dataset, alone, tiny_model, "--participant-label", "sub-02").code == 0
     assert [p.name for p in alone.glob("sub-*")] == ["sub-02"]
@@ -217,9 +207,9 @@ def test_an_image_depends_on_base_seed_participant_and_index_only(tmp_path, tiny
 
 
 def test_rerun_of_a_complete_output_samples_nothing_and_changes_no_byte(
-    tmp_path, tiny_model, template, monkeypatch
+    tmp_path, tiny_model, finished_run, monkeypatch
 ):
-    dataset, finished = template
+    dataset, finished = finished_run
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     before = tree(out)
@@ -235,9 +225,9 @@ def test_rerun_of_a_complete_output_samples_nothing_and_changes_no_byte(
 
 
 def test_changed_policy_rewrites_only_sidecars_and_changed_seed_resamples(
-    tmp_path, tiny_model, template
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, finished = template
+    dataset, finished = finished_run
     config = tmp_path / "clip.json"
     config.write_text(json.dumps({"policy": {"out_of_range": "clip"}}))
     out = tmp_path / "out"
@@ -320,8 +310,8 @@ def test_a_second_run_on_a_busy_output_dir_is_refused_and_the_first_completes(
     assert validator_errors(out) == []
 
 
-def test_multiproc_with_forkserver_gives_the_bytes_of_linear(tmp_path, tiny_model, template):
-    dataset, linear = template
+def test_multiproc_with_forkserver_gives_the_bytes_of_linear(tmp_path, tiny_model, finished_run):
+    dataset, linear = finished_run
     out = tmp_path / "multiproc"
     done = participant(dataset, out, tiny_model, "--nprocs", 2)
     assert done.code == 0, done.err
@@ -330,9 +320,9 @@ def test_multiproc_with_forkserver_gives_the_bytes_of_linear(tmp_path, tiny_mode
 
 
 def test_a_failing_image_is_reported_and_the_others_are_written(
-    tmp_path, tiny_model, template, monkeypatch
+    tmp_path, tiny_model, finished_run, monkeypatch
 ):
-    dataset, _ = template
+    dataset, _ = finished_run
     real_run = SampleT1w._run_interface
 
     def fail_for_sub02(self, runtime):
@@ -363,7 +353,9 @@ def test_a_failing_image_is_reported_and_the_others_are_written(
 # --------------------------------------------------------------------------- console script
 
 
-def test_hub_repo_id_from_the_offline_cache_is_used_and_recorded(tmp_path, tiny_model, template):
+def test_hub_repo_id_from_the_offline_cache_is_used_and_recorded(
+    tmp_path, tiny_model, finished_run
+):
     from upstream_fixtures import publish_to_hf_cache  # imports torch: only here
 
     commit_model, commit_vae = "c" * 40, "d" * 40
@@ -373,7 +365,7 @@ def test_hub_repo_id_from_the_offline_cache_is_used_and_recorded(tmp_path, tiny_
     cache = tmp_path / "hf" / "hub"
     publish_to_hf_cache(cache, "lab/tiny-vae", tmp_path / "bundle-vae", commit_vae)
     publish_to_hf_cache(cache, "lab/tiny", tmp_path / "bundle", commit_model)
-    dataset, local_run = template
+    dataset, local_run = finished_run
     out = tmp_path / "out"
     env = {**console_env(), "HF_HOME": str(tmp_path / "hf")}
     env.pop("HF_HUB_CACHE", None)
@@ -419,9 +411,9 @@ def test_the_lock_is_released_when_a_run_holding_it_ends(tmp_path):
 
 
 def test_more_samples_after_one_removes_the_unnumbered_image_and_the_report_counts_right(
-    tmp_path, tiny_model, template
+    tmp_path, tiny_model, finished_run
 ):
-    _, finished = template  # ds-minimal with --n-samples 1: sub-XX_desc-synthetic_T1w
+    _, finished = finished_run  # ds-minimal with --n-samples 1: sub-XX_desc-synthetic_T1w
     dataset = copy_dataset("ds-minimal", tmp_path / "ds-minimal")
     out = shutil.copytree(finished, tmp_path / "out")
     one = {label: (out / f"sub-{label}/anat/sub-{label}_desc-synthetic_T1w.nii.gz").read_bytes()

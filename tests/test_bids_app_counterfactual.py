@@ -23,7 +23,7 @@ from brain_ldm_nodes.imaging import conform_t1w, load_t1w, model_affine
 from brain_ldm_nodes.interfaces import CounterfactualSeriesT1w
 from brain_ldm_nodes.model_cache import get_model
 
-from bids_app_support import app, copy_dataset, tiny_model_path, tree, validator_errors
+from bids_app_support import app, copy_dataset, tree, validator_errors
 from test_interfaces import SHAPE, STEPS
 
 SESSIONS_OWN = {  # ds-sessions: gender, AGE, ventricular_csf_volume, brain_volume_norm
@@ -36,11 +36,6 @@ SESSIONS_SOURCES = {
     "02": ["sub-02/ses-1/anat/sub-02_ses-1_run-1_T1w.nii.gz",
            "sub-02/ses-1/anat/sub-02_ses-1_run-2_T1w.nii.gz"],
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", autouse=True)

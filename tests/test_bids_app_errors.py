@@ -27,9 +27,7 @@ from brain_ldm_nodes.bids_app.locks import OutputLock
 from bids_app_support import (
     CONSOLE_SCRIPT,
     app,
-    completed_output,
     console_env,
-    tiny_model_path,
     tree,
 )
 from test_interfaces import STEPS
@@ -387,21 +385,11 @@ ODD = {  # a participant's values: skipped with a reason naming row and column; 
 }
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    return completed_output(tmp_path_factory, tiny_model)
-
-
 @pytest.fixture
-def ctx(tmp_path, tiny_model, template, monkeypatch) -> Ctx:
+def ctx(tmp_path, tiny_model, finished_run, monkeypatch) -> Ctx:
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.delenv("BRAIN_LDM_MODEL", raising=False)
-    dataset, out = template
+    dataset, out = finished_run
     return Ctx(shutil.copytree(dataset, tmp_path / "ds-minimal"),
                shutil.copytree(out, tmp_path / "out"), tiny_model, tmp_path)
 

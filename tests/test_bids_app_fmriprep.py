@@ -18,7 +18,7 @@ from scipy import ndimage
 from brain_ldm_nodes.imaging import model_affine
 from brain_ldm_nodes.registration import GRID_CENTRE_MNI_MM, load_template, resample_to_model_grid
 
-from bids_app_support import app, copy_dataset, tiny_model_path, tree, validator_errors
+from bids_app_support import app, copy_dataset, tree, validator_errors
 from registration_support import moved_image
 from test_interfaces import SHAPE, STEPS
 
@@ -33,11 +33,6 @@ FMRIPREP_DESCRIPTION = {
                      "CodeURL": "https://github.com/nipreps/fmriprep/archive/23.2.1.tar.gz"}],
 }
 MNI_SOURCE = "sub-01/anat/sub-01_space-MNI152NLin2009cAsym_desc-preproc_T1w.nii.gz"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", autouse=True)

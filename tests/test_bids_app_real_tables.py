@@ -23,7 +23,7 @@ from brain_ldm_nodes.bids_app.errors import BidsDatasetError
 from brain_ldm_nodes.bids_app.participants import read_participants
 from brain_ldm_nodes.bids_app.report import write_group_report
 
-from bids_app_support import app, tiny_model_path, validator_errors
+from bids_app_support import app, validator_errors
 from test_interfaces import STEPS
 
 # --------------------------------------------------------------------------- the tables
@@ -96,11 +96,6 @@ def numeric_dataset(root: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- runs
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -23,17 +23,12 @@ from brain_ldm_nodes.bids_app.naming import derive_seed
 from brain_ldm_nodes.edits import EditError, apply_edits, parse_edit, parse_sweep
 from brain_ldm_nodes.interfaces import SampleT1w
 
-from bids_app_support import app, copy_dataset, tiny_model_path, tree, validator_errors
+from bids_app_support import app, copy_dataset, tree, validator_errors
 from test_interfaces import STEPS
 
 OWN_AGE = {"01": 44, "02": 63, "03": 82}
 OWN_SEX = {"01": "Male", "02": "Female", "03": "Female"}
 AGES = (44, 63, 82)
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -10,15 +10,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-
 from brain_ldm_nodes.compilation_cache import (
     DEFAULT_MAX_SIZE_BYTES,
     default_compilation_cache_dir,
     use_compilation_cache,
 )
 
-from test_interfaces import build_tiny_bundle
 
 #: One "job": sample one image with the tiny bundle, with the cache the BIDS App would set up;
 #: prints the image's hash and JAX's cache events (jax.monitoring).
@@ -39,11 +36,6 @@ print(json.dumps({"sha256": hashlib.sha256(image.tobytes()).hexdigest(),
                   "hits": events.get("/jax/compilation_cache/cache_hits", 0),
                   "misses": events.get("/jax/compilation_cache/cache_misses", 0)}))
 """
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_bundle(tmp_path_factory)
 
 
 def _job_env() -> dict[str, str]:

@@ -21,16 +21,11 @@ from brain_ldm_nodes.model_cache import get_model
 from brain_ldm_nodes.provenance import SOFTWARE, write_conditioning
 from brain_ldm_nodes.workflows import init_counterfactual_wf
 
-from test_interfaces import REPO, SHAPE, STEPS, build_tiny_bundle, run_node, write_t1w
+from test_interfaces import REPO, SHAPE, STEPS, run_node, write_t1w
 
 FROM = [0.0, 0.5, 0.2, 0.4]  # female, 63 years
 TO = [0.0, 1.0, 0.2, 0.4]  # the same, 82 years
 BIDS_T1W = REPO / "bids_examples" / "ds-minimal" / "sub-01" / "anat" / "sub-01_T1w.nii.gz"
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_bundle(tmp_path_factory))
 
 
 @pytest.fixture

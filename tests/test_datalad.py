@@ -22,7 +22,7 @@ import pytest
 
 from brain_ldm_nodes.imaging import load_t1w
 
-from bids_app_support import EXAMPLES, app, tiny_model_path, tree
+from bids_app_support import EXAMPLES, app, tree
 from test_interfaces import STEPS
 
 T1W_01 = "sub-01/ses-1/anat/sub-01_ses-1_T1w.nii.gz"
@@ -63,11 +63,6 @@ def annexed(tmp_path_factory) -> dict[str, Path]:
             assert link.is_symlink() and ".git/annex/objects" in os.readlink(link), link
     assert not (clones["partial"] / T1W_02).exists() and (clones["partial"] / T1W_01).exists()
     return clones
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 def participant(dataset: Path, out: Path, model: Path, *extra: object):

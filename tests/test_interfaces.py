@@ -33,10 +33,8 @@ STEPS = 2  # DDIM steps everywhere in these tests: one compiled sampler per proc
 
 
 def build_tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The session's tiny bundle, made once by ``workflows/make_tiny_bundle.py``.
-
-    Kept at a fixed place under the session's base temp so test_workflows.py reuses it.
-    """
+    """The session's tiny bundle, made once by ``workflows/make_tiny_bundle.py`` at a fixed
+    place under the session's base temp (the ``tiny_model`` fixture, tests/conftest.py)."""
     folder = tmp_path_factory.getbasetemp() / "tiny_bundle" / "model"
     if not (folder / "config.json").exists():
         script = REPO / "workflows" / "make_tiny_bundle.py"
@@ -45,11 +43,6 @@ def build_tiny_bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
             [sys.executable, str(script), str(folder), "--image-shape", *shape], check=True
         )
     return folder
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_bundle(tmp_path_factory))
 
 
 def run_node(interface: BaseInterface, base_dir: Path, name: str = "node"):

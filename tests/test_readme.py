@@ -18,7 +18,7 @@ from nipype.pipeline import engine as pe
 
 from brain_ldm_nodes import interfaces, workflows
 
-from test_interfaces import REPO, SHAPE, build_tiny_bundle
+from test_interfaces import REPO, SHAPE
 
 README = REPO / "README.md"
 
@@ -64,13 +64,13 @@ def test_quick_start_runs_as_written(tmp_path):
 
 
 @pytest.fixture
-def project_with_relative_model(tmp_path, tmp_path_factory, monkeypatch) -> Path:
+def project_with_relative_model(tmp_path, tiny_model, monkeypatch) -> Path:
     """A project folder holding ``converted/brain_ldm.1`` (the tiny bundle), as the cwd."""
     project = tmp_path / "project"
     (project / "converted").mkdir(parents=True)
-    tiny = build_tiny_bundle(tmp_path_factory)
-    (project / "converted" / "brain_ldm.1").symlink_to(tiny)
-    (project / "converted" / (tiny.name + "-vae")).symlink_to(tiny.with_name(tiny.name + "-vae"))
+    (project / "converted" / "brain_ldm.1").symlink_to(tiny_model)
+    vae = tiny_model.with_name(tiny_model.name + "-vae")
+    (project / "converted" / vae.name).symlink_to(vae)
     monkeypatch.chdir(project)
     return project
 

@@ -21,14 +21,9 @@ from brain_ldm_nodes.model_cache import get_model
 from brain_ldm_nodes.registration import load_template, read_itk_transform
 from brain_ldm_nodes.workflows import init_t1w_to_model_grid_wf
 from registration_support import grid_affine, moved_image, rigid, transform_errors
-from test_interfaces import build_tiny_bundle, run_node, write_t1w
+from test_interfaces import run_node, write_t1w
 
 MOTION = rigid((8, -6, 10), (-10, 15, 12))
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_bundle(tmp_path_factory))
 
 
 @pytest.fixture(scope="module")

@@ -16,15 +16,10 @@ from brain_ldm_nodes.model_cache import get_model
 from brain_ldm_nodes.scheduler_names import SCHEDULER_METHODS, SCHEDULERS
 from brain_ldm_nodes.workflows.synthesis import init_synthesis_wf
 
-from bids_app_support import app, completed_output, tiny_model_path, tree
+from bids_app_support import app, tree
 from test_interfaces import STEPS, run_node
 
 SOLVER_STEPS = 3  # first order, second order, first order (to σ = 0)
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
 
 
 def test_sample_t1w_node_runs_the_named_scheduler_and_records_it(tmp_path, tiny_model):
@@ -59,9 +54,9 @@ def test_synthesis_workflow_passes_the_scheduler_to_its_sampler():
 
 
 def test_bids_app_scheduler_is_recorded_and_a_different_one_is_a_different_image(
-    tmp_path, tmp_path_factory, tiny_model
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, finished = completed_output(tmp_path_factory, tiny_model)
+    dataset, finished = finished_run
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     image = out / "sub-02/anat/sub-02_desc-synthetic_T1w.nii.gz"
@@ -92,10 +87,10 @@ def test_bids_app_scheduler_is_recorded_and_a_different_one_is_a_different_image
 
 
 def test_bids_app_ddim_sidecar_without_a_scheduler_name_is_only_refreshed(
-    tmp_path, tmp_path_factory, tiny_model
+    tmp_path, tiny_model, finished_run
 ):
     """Outputs written before --scheduler existed (no Sampler.Name) are DDIM: not resampled."""
-    dataset, finished = completed_output(tmp_path_factory, tiny_model)
+    dataset, finished = finished_run
     out = tmp_path / "out"
     shutil.copytree(finished, out)
     sidecar = out / "sub-01/anat/sub-01_desc-synthetic_T1w.json"
@@ -112,9 +107,9 @@ def test_bids_app_ddim_sidecar_without_a_scheduler_name_is_only_refreshed(
 
 
 def test_bids_app_counterfactuals_refuse_another_scheduler_in_one_line(
-    tmp_path, tmp_path_factory, tiny_model
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, _ = completed_output(tmp_path_factory, tiny_model)
+    dataset, _ = finished_run
     done = app(dataset, tmp_path / "out", "participant", "--model", tiny_model,
                "--counterfactual", "age=+10", "--scheduler", "unipc")
     assert done.code == 2 and len(done.err_lines) == 1, done.err
@@ -122,9 +117,9 @@ def test_bids_app_counterfactuals_refuse_another_scheduler_in_one_line(
 
 
 def test_bids_app_solver_with_as_many_steps_as_training_steps_is_refused_in_one_line(
-    tmp_path, tmp_path_factory, tiny_model
+    tmp_path, tiny_model, finished_run
 ):
-    dataset, _ = completed_output(tmp_path_factory, tiny_model)
+    dataset, _ = finished_run
     done = app(dataset, tmp_path / "out", "participant", "--model", tiny_model,
                "--num-inference-steps", 1000, "--scheduler", "dpmpp-2m")
     assert done.code == 2 and len(done.err_lines) == 1, done.err

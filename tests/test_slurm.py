@@ -19,10 +19,8 @@ import pytest
 
 from bids_app_support import (
     CONSOLE_SCRIPT,
-    completed_output,
     console,
     console_env,
-    tiny_model_path,
     tree,
     validator_errors,
 )
@@ -57,17 +55,6 @@ pytestmark = pytest.mark.slurm
 
 
 @pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return tiny_model_path(tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def local_run(tmp_path_factory, tiny_model) -> tuple[Path, Path]:
-    """ds-minimal sampled locally (Linear plugin): (dataset, output folder)."""
-    return completed_output(tmp_path_factory, tiny_model)
-
-
-@pytest.fixture(scope="module")
 def cluster_env(tmp_path_factory) -> dict[str, str]:
     """What jobs inherit (sbatch exports the submitting environment): this venv's commands
     first, offline Hub, one shared compilation cache."""
@@ -85,9 +72,9 @@ def _sbatch_wait(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.
                           cwd=cwd, timeout=JOB_TIMEOUT_S, check=False)
 
 
-def test_nipype_slurm_plugin_gives_the_bytes_of_a_local_run(tmp_path, tiny_model, local_run,
+def test_nipype_slurm_plugin_gives_the_bytes_of_a_local_run(tmp_path, tiny_model, finished_run,
                                                             cluster_env):
-    dataset, local = local_run
+    dataset, local = finished_run
     out, work = tmp_path / "out", tmp_path / "work"
     plugin_args = {"sbatch_args": f"--time=10 --chdir={tmp_path}"}
     started = time.monotonic()
@@ -106,11 +93,11 @@ def test_nipype_slurm_plugin_gives_the_bytes_of_a_local_run(tmp_path, tiny_model
 
 
 def test_slurmgraph_submits_every_job_and_a_rerun_finds_the_bytes_of_a_local_run(
-    tmp_path, tiny_model, local_run, cluster_env
+    tmp_path, tiny_model, finished_run, cluster_env
 ):
     """Nipype's SLURMGraph plugin submits the whole graph (with job dependencies) and returns;
     the jobs publish the images; running the command again checks them."""
-    dataset, local = local_run
+    dataset, local = finished_run
     out, work = tmp_path / "out", tmp_path / "work"
     common = [dataset, out, "participant", "--model", tiny_model, "--num-inference-steps", STEPS,
               "-w", work]
@@ -148,12 +135,12 @@ def _wait_until_the_queue_is_empty(deadline: float) -> None:
 
 
 def test_slurmgraph_jobs_keep_their_participants_until_they_leave_the_queue(
-    tmp_path, tiny_model, local_run, cluster_env
+    tmp_path, tiny_model, finished_run, cluster_env
 ):
     """The command returns while its jobs wait (here: held); another run on those participants
     (which would clean up their temporaries) and the group level are refused, naming the jobs;
     once the jobs have left the queue both proceed."""
-    dataset, _ = local_run
+    dataset, _ = finished_run
     out = tmp_path / "out"
     common = [dataset, out, "participant", "--model", tiny_model, "--num-inference-steps", STEPS]
     plugin_args = {"sbatch_args": f"--hold --time=10 {' '.join(SMALL_TASK)}"}
@@ -183,9 +170,9 @@ def test_slurmgraph_jobs_keep_their_participants_until_they_leave_the_queue(
 
 
 def test_sbatch_job_array_one_participant_per_task_gives_the_bytes_of_a_local_run(
-    tmp_path, tiny_model, local_run, cluster_env
+    tmp_path, tiny_model, finished_run, cluster_env
 ):
-    dataset, local = local_run
+    dataset, local = finished_run
     out, scratch = tmp_path / "out", tmp_path / "scratch"
     scratch.mkdir()
     env = {**cluster_env, "TMPDIR": str(scratch)}  # node-local scratch of the tasks
@@ -205,9 +192,9 @@ def test_sbatch_job_array_one_participant_per_task_gives_the_bytes_of_a_local_ru
     assert list(scratch.iterdir()) == []  # each task removed its work folder
 
 
-def test_array_task_past_the_last_row_fails_with_one_line(tmp_path, tiny_model, local_run,
+def test_array_task_past_the_last_row_fails_with_one_line(tmp_path, tiny_model, finished_run,
                                                           cluster_env):
-    dataset, _ = local_run
+    dataset, _ = finished_run
     done = _sbatch_wait(["--array=4", "--output=task-%a.log", "--time=5", *SMALL_TASK, str(ARRAY_SCRIPT),
                          str(dataset), str(tmp_path / "out"), "--model", str(tiny_model)],
                         cluster_env, tmp_path)

@@ -4,51 +4,25 @@ diffusers' schedulers, and the ``scheduler=`` argument's contract.
 End-to-end tolerance 1e-5 (normwise relative, latents): our U-Net evaluations are within
 ~1e-6 of MONAI's here (tests/test_parity_sampler.py allows 1e-3 for a whole DDIM sample) and the
 solvers' steps within ~5e-7 of diffusers' (tests/test_solvers.py); the errors feed back through
-10–20 evaluations. Measured ≤ 9e-7; DDIM with the same steps is ≈ 0.4–0.6 away (measured
-once), a wrong timestep, order or coefficient ≥ 1e-3.
+10–20 evaluations. Measured ≤ 1.3e-6 (the ``tiny_oracle`` of tests/conftest.py); DDIM with the
+same steps is ≈ 0.4–0.6 away (measured once), a wrong timestep, order or coefficient ≥ 1e-3.
 """
 
 from __future__ import annotations
 
-
-import equinox as eqx
-import jax
 import numpy as np
 import pytest
 import torch
 
 import brain_ldm_nodes.pipeline as pipeline
-from brain_ldm_nodes import (
-    AutoencoderKL,
-    AutoencoderKLConfig,
-    BrainLDM,
-    DiffusionModelUNet,
-    DiffusionModelUNetConfig,
-    initial_noise,
-)
+from brain_ldm_nodes import initial_noise
 from brain_ldm_nodes.scheduler_names import SCHEDULERS
 from brain_ldm_nodes.solvers import SOLVERS, Solver
-from brain_ldm_nodes.weights.mapping import load_monai_state_dict
 
-from monai_oracle import monai_unet, relative_error, state_dict_numpy
+from monai_oracle import relative_error
 from test_solvers import diffusers_scheduler
 
 END_TO_END_TOLERANCE = 1e-5
-TINY_UNET = DiffusionModelUNetConfig(
-    channels=(32, 64, 64), num_res_blocks=(1, 1, 1), num_head_channels=(0, 64, 64)
-)
-TINY_VAE = AutoencoderKLConfig(channels=(32, 32), num_res_blocks=(1, 1))
-
-
-
-@pytest.fixture(scope="module")
-def tiny():
-    net = monai_unet(TINY_UNET, seed=21)
-    unet = load_monai_state_dict(
-        eqx.filter_eval_shape(DiffusionModelUNet, TINY_UNET, key=jax.random.key(0)), state_dict_numpy(net)
-    )
-    vae = AutoencoderKL(TINY_VAE, key=jax.random.key(1))
-    return BrainLDM(vae, unet, image_shape=(16, 24, 8)), net  # latent 3×8×12×4
 
 
 def diffusers_sample(net, name: str, steps: int, conditioning: np.ndarray, noise: np.ndarray) -> np.ndarray:
@@ -66,10 +40,10 @@ def diffusers_sample(net, name: str, steps: int, conditioning: np.ndarray, noise
 
 
 @pytest.mark.parametrize("name,steps", [("dpmpp-2m", 20), ("unipc", 10)])
-def test_sample_latents_matches_monai_unet_with_diffusers_scheduler(tiny, name, steps, monkeypatch):
+def test_sample_latents_matches_monai_unet_with_diffusers_scheduler(tiny_oracle, name, steps, monkeypatch):
     """Also: one compiled U-Net + step program serves every step (traced once, as DDIM's;
     no lax.scan), and progress is reported after every step."""
-    model, net = tiny
+    model, net = tiny_oracle.model, tiny_oracle.monai_unet
     conditioning = np.array([[1.0, 0.7, 0.7, 0.5], [0.0, 0.1, 0.2, 0.4]], np.float32)
     seeds = [3, 4]
     noise = np.stack([np.asarray(initial_noise(seed, model.latent_shape())) for seed in seeds])
@@ -99,8 +73,8 @@ def test_scheduler_names_are_ddim_and_the_solvers():
 
 
 @pytest.mark.parametrize("method", ["sample", "sample_latents", "denoise"])
-def test_unknown_scheduler_is_one_line_naming_the_accepted(tiny, method):
-    model, _ = tiny
+def test_unknown_scheduler_is_one_line_naming_the_accepted(tiny_oracle, method):
+    model = tiny_oracle.model
     args = (np.zeros((1, 3, 4, 4, 4), np.float32),) if method == "denoise" else ()
     with pytest.raises(ValueError) as info:
         getattr(model, method)(*args, np.zeros((1, 4)), *(() if method == "denoise" else ([0],)),
@@ -110,14 +84,14 @@ def test_unknown_scheduler_is_one_line_naming_the_accepted(tiny, method):
     assert all(name in message for name in SCHEDULERS)
 
 
-def test_ddim_is_the_default_and_unchanged_by_the_keyword(tiny):
-    model, _ = tiny
+def test_ddim_is_the_default_and_unchanged_by_the_keyword(tiny_oracle):
+    model = tiny_oracle.model
     default = model.sample_latents(np.zeros((1, 4)), [5], num_inference_steps=4)
     named = model.sample_latents(np.zeros((1, 4)), [5], num_inference_steps=4, scheduler="ddim")
     np.testing.assert_array_equal(np.asarray(default), np.asarray(named))
 
 
-def test_readme_faster_samplers_snippet_runs_as_written(tiny):
+def test_readme_faster_samplers_snippet_runs_as_written(tiny_oracle):
     """The README's "Faster samplers" snippet, with the Quick start's ``model`` and
     ``conditioning`` (here the tiny model)."""
     from pathlib import Path
@@ -125,7 +99,7 @@ def test_readme_faster_samplers_snippet_runs_as_written(tiny):
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     section = readme.split("## Faster samplers", 1)[1]
     snippet = section.split("```python\n", 1)[1].split("```", 1)[0]
-    model, _ = tiny
+    model = tiny_oracle.model
     namespace = {"model": model, "conditioning": np.array([[1.0, 0.7, 0.7, 0.5]])}
     exec(snippet, namespace)
     assert namespace["images"].shape == (1, 1) + model.image_shape

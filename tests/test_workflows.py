@@ -24,7 +24,7 @@ from brain_ldm_nodes.interfaces import SampleT1w
 from brain_ldm_nodes.model_cache import get_model
 from brain_ldm_nodes.workflows import init_encode_decode_wf, init_synthesis_wf
 
-from test_interfaces import REPO, SHAPE, STEPS, build_tiny_bundle, write_t1w
+from test_interfaces import REPO, SHAPE, STEPS, write_t1w
 
 #: participant label, sex, age (years), ventricular_volume, brain_volume
 COHORT = [("01", "F", 63.0, 0.2, 0.4), ("02", "M", 82.0, 0.7, 0.5)]
@@ -33,11 +33,6 @@ PLUGINS = {
     "Linear": {"plugin": "Linear"},
     "MultiProc": {"plugin": "MultiProc", "plugin_args": {"n_procs": 2, "mp_context": "forkserver"}},
 }
-
-
-@pytest.fixture(scope="session")
-def tiny_model(tmp_path_factory) -> str:
-    return str(build_tiny_bundle(tmp_path_factory))
 
 
 @pytest.fixture(scope="module", autouse=True)
