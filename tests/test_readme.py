@@ -14,7 +14,6 @@ from pathlib import Path
 
 import nibabel as nib
 import pytest
-from nipype.pipeline import engine as pe
 
 from brain_ldm_nodes import interfaces, workflows
 
