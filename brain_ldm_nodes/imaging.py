@@ -21,7 +21,8 @@ import gzip
 import json
 import os
 import secrets
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import IO, Any
 
@@ -62,6 +63,8 @@ __all__ = [
     "resample_to_grid",
     "scale_minmax",
     "volume_shape",
+    "sidecar_path",
+    "publish_image",
 ]
 
 XFORM_CODE_ALIGNED: int = 2
@@ -483,9 +486,6 @@ def conform_t1w(
 
 
 # --------------------------------------------------------------------------- publishing
-# (appended by the BIDS App split; the lead may hoist these two imports to the top)
-import shutil  # noqa: E402
-from collections.abc import Mapping  # noqa: E402
 
 
 def sidecar_path(image: str | os.PathLike[str]) -> Path:
@@ -524,5 +524,3 @@ def publish_image(
     write_json(document, target_sidecar)
     return target, target_sidecar
 
-
-__all__ += ["publish_image", "sidecar_path"]

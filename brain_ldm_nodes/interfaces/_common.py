@@ -62,9 +62,9 @@ def revision_trait() -> traits.Str:
 def model_checksum_trait() -> traits.Str:
     return traits.Str(
         desc="the weights behind `model`, '<U-Net sha256>:<autoencoder sha256>' as the bundles' "
-        "config.json give them (brain_ldm_nodes.derivatives.ModelIdentity.checksum). Optional: "
-        "when given it is part of Nipype's hash, so the node runs again if those weights change "
-        "(a bundle re-converted in place), and it must match the loaded model",
+        "config.json give them (brain_ldm_nodes.weights.identity.ModelIdentity.checksum). "
+        "Optional: when given it is part of Nipype's hash, so the node runs again if those "
+        "weights change (a bundle re-converted in place), and it must match the loaded model",
     )
 
 
