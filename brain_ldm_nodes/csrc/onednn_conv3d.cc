@@ -19,6 +19,7 @@
 
 #include <omp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -84,6 +85,22 @@ class Scratch {
 };
 
 Scratch scratch_src, scratch_dst, scratch_weights;
+
+// Seconds spent in each phase of the calls so far (profiling: bench/profile_unet.py).
+enum Phase { kWeights, kSrc, kConv, kDst, kPhases };
+double phase_seconds[kPhases] = {};
+
+class PhaseClock {
+ public:
+  void lap(Phase phase) {
+    const auto now = std::chrono::steady_clock::now();
+    phase_seconds[phase] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
 
 dnnl::engine& engine() {
   static dnnl::engine instance(dnnl::engine::kind::cpu, 0);
@@ -190,9 +207,12 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
     if (!slot) slot = make_plan(p);
     Plan& plan = *slot;
     dnnl::stream stream(engine());
+    PhaseClock clock;
     dnnl::memory weights_user(plan.weights_user, engine(), const_cast<float*>(weight.typed_data()));
     dnnl::memory weights_packed(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
     plan.weights_reorder.execute(stream, weights_user, weights_packed);
+    stream.wait();
+    clock.lap(kWeights);
     const size_t src_step = plan.src_user.get_size() / sizeof(float);
     const size_t dst_step = plan.dst_user.get_size() / sizeof(float);
     for (int64_t e = 0; e < examples; ++e) {
@@ -204,13 +224,19 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
       if (plan.reorder_src) {
         src = dnnl::memory(plan.src_md, engine(), scratch_src.get(plan.src_md.get_size()));
         plan.src_reorder.execute(stream, src_user, src);
+        stream.wait();
       }
+      clock.lap(kSrc);
       if (plan.reorder_dst) dst = dnnl::memory(plan.dst_md, engine(), scratch_dst.get(plan.dst_md.get_size()));
       plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
                                  {DNNL_ARG_WEIGHTS, weights_packed},
                                  {DNNL_ARG_BIAS, bias_mem},
                                  {DNNL_ARG_DST, dst}});
+      stream.wait();
+      clock.lap(kConv);
       if (plan.reorder_dst) plan.dst_reorder.execute(stream, dst, dst_user);
+      stream.wait();
+      clock.lap(kDst);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -248,6 +274,16 @@ extern "C" void brain_ldm_onednn_release_scratch() {
   scratch_src.release();
   scratch_dst.release();
   scratch_weights.release();
+}
+
+// Seconds spent so far reordering kernels, reordering inputs, convolving, reordering outputs
+// (written to seconds[0..3]); reset with reset != 0.
+extern "C" void brain_ldm_onednn_phase_seconds(double* seconds, int reset) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  for (int k = 0; k < kPhases; ++k) {
+    seconds[k] = phase_seconds[k];
+    if (reset) phase_seconds[k] = 0.0;
+  }
 }
 
 // Number of cached primitive plans (tests: the cache is keyed by problem, not by call).

@@ -100,6 +100,20 @@ def release_scratch() -> None:
         library.brain_ldm_onednn_release_scratch()
 
 
+#: Phases of a oneDNN convolution call timed by :func:`phase_seconds`.
+PHASES = ("kernel reorder", "input reorder", "convolution", "output reorder")
+
+
+def phase_seconds(reset: bool = False) -> dict[str, float]:
+    """Seconds the calls so far spent in each of :data:`PHASES` (profiling); ``reset``: zero them."""
+    library = _library()
+    if library is None:
+        return {phase: 0.0 for phase in PHASES}
+    seconds = (ctypes.c_double * len(PHASES))()
+    library.brain_ldm_onednn_phase_seconds(seconds, int(reset))
+    return dict(zip(PHASES, seconds))
+
+
 def cached_plans() -> int:
     """Primitives built so far (one per distinct problem: shapes, stride, padding, layout)."""
     library = _library()
