@@ -89,6 +89,8 @@ def main() -> None:
                         / "brain_ldm.1")
     parser.add_argument("--random", action="store_true", help="random full-size weights instead of --bundle")
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--plain-kernels", action="store_true",
+                        help="do not pack the kernels once (from_pretrained does): reorder them on every call")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--out", type=Path, default=None, help="write the per-op table as JSON here")
     args = parser.parse_args()
@@ -106,6 +108,9 @@ def main() -> None:
         unet = DiffusionModelUNet(key=jax.random.key(0))
     else:
         unet = BrainLDM.from_pretrained(args.bundle).unet
+    from brain_ldm_nodes.models.layers import unpack_kernels
+    from brain_ldm_nodes.models.unet import pack_unet_kernels
+    unet = unpack_kernels(unet) if args.plain_kernels else pack_unet_kernels(unet, (20, 28, 20))
     rng = np.random.default_rng(0)
     z = jnp.asarray(rng.standard_normal((1, 3, 20, 28, 20), dtype=np.float32))
     cond = jnp.asarray(np.array([[1.0, 0.7, 0.7, 0.5]], np.float32))

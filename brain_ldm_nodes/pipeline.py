@@ -28,9 +28,9 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .demographics import CONDITIONING_ORDER  # order of the four values (UPSTREAM.md §1)
 from .models.autoencoder import AutoencoderKL, AutoencoderKLConfig
-from .models.layers import with_numerics
+from .models.layers import unpack_kernels, with_numerics
 from .models.streaming import decode_streaming, decode_streaming_layout_ok
-from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
+from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig, pack_unet_kernels
 from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_inverse_step, ddim_step, ddim_tables
 from .scheduler_names import SCHEDULERS, check_scheduler  # "ddim" and the solvers' names
 from .solvers import SOLVERS, Solver, initial_state, table_row
@@ -295,6 +295,8 @@ class BrainLDM:
             )
         unet = bundle.load_bundle_weights(folder, config, verify=verify)
         vae = bundle.load_bundle_weights(vae_folder, vae_config, verify=verify)
+        unet = pack_unet_kernels(unet, [size // vae.config.downsampling_factor for size in config.image_shape],
+                                 consume=True)  # oneDNN's kernel layout once, not on every step
         source = {
             "model": {"id": os.fspath(repo_id_or_path), "revision": revision, "folder": str(folder),
                       "weights_sha256": config.weights_sha256},
@@ -331,7 +333,7 @@ class BrainLDM:
             relative = os.path.relpath(vae_path.resolve(), path.resolve())
         base = bundle.BaseReference(repo_id=base_repo_id, revision=base_revision, path=relative)
         return bundle.save_model_bundle(
-            path, self.unet.config, bundle.module_tensors(self.unet), self.scheduler, base,
+            path, self.unet.config, bundle.module_tensors(unpack_kernels(self.unet)), self.scheduler, base,
             provenance=provenance, image_shape=self.image_shape,
         )
 

@@ -383,9 +383,9 @@ def test_packed_kernels_give_the_same_network_without_reordering_them():
     from brain_ldm_nodes.models import layers, onednn
 
     assert onednn.available()
-    unet = DiffusionModelUNet(DiffusionModelUNetConfig(channels=(32, 64, 64), num_res_blocks=(1, 1, 1),
-                                                       num_head_channels=(0, 32, 64)), key=jax.random.key(2))
-    x = jax.random.normal(jax.random.key(4), (2, 7, 16, 20, 16))
+    unet = DiffusionModelUNet(DiffusionModelUNetConfig(channels=(32, 32, 32), num_res_blocks=(1, 1, 1),
+                                                       num_head_channels=(0, 32, 32)), key=jax.random.key(2))
+    x = jax.random.normal(jax.random.key(4), (2, 7, 16, 20, 16))  # level 0 blocked, levels 1-2 channels-last
     context = jax.random.uniform(jax.random.key(5), (2, 1, 4))
     packed = layers.pack_kernels(unet, jax.ShapeDtypeStruct(x.shape[1:], jnp.float32), jnp.asarray(500), context[0])
     is_packed = lambda node: isinstance(node, onednn.PackedKernel)  # noqa: E731
@@ -399,11 +399,14 @@ def test_packed_kernels_give_the_same_network_without_reordering_them():
     np.testing.assert_array_equal(np.asarray(run(packed, x, context)), np.asarray(run(unet, x, context)))
     other = x[:, :, :8, :12, :8]  # other sizes: the packed kernels are relaid out where needed
     np.testing.assert_array_equal(np.asarray(run(packed, other, context)), np.asarray(run(unet, other, context)))
-    xla = layers.with_numerics(packed, implementation="xla")
-    assert relative_error(run(xla, x, context), run(layers.with_numerics(unet, implementation="xla"), x, context)) == 0
+    xla = layers.with_numerics(packed, implementation="xla")  # unpacks (exactly) on the way
+    assert relative_error(run(xla, x, context), run(unet, x, context)) <= 1e-5
     for plain, restored in zip(jax.tree_util.tree_leaves(unet), jax.tree_util.tree_leaves(layers.unpack_kernels(packed))):
         np.testing.assert_array_equal(np.asarray(plain), np.asarray(restored))
-    assert layers.pack_kernels(unet, x[0], jnp.asarray(500), context[0]) is not unet
+    consumed = jax.tree_util.tree_map(jnp.copy, unet)
+    packed_again = layers.pack_kernels(consumed, x[0], jnp.asarray(500), context[0], consume=True)
+    assert consumed.conv_in.weight.is_deleted() and not unet.conv_in.weight.is_deleted()
+    np.testing.assert_array_equal(np.asarray(packed_again.conv_in.weight.data), np.asarray(packed.conv_in.weight.data))
 
 
 def test_xla_decoder_matches_monai_full_config(full_autoencoders):

@@ -215,7 +215,7 @@ def conv3d(
 _PACKING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("brain_ldm_packing", default=None)
 
 
-def pack_kernels(network: T, *example_args: Any) -> T:
+def pack_kernels(network: T, *example_args: Any, consume: bool = False) -> T:
     """A copy of ``network`` whose convolutions that run on oneDNN hold their kernels packed in
     oneDNN's layout (:class:`~brain_ldm_nodes.models.onednn.PackedKernel`), so that no call
     reorders them again (the U-Net's 2.2 GB of kernels were reordered on every step).
@@ -226,7 +226,10 @@ def pack_kernels(network: T, *example_args: Any) -> T:
     memory. Results are unchanged (the same oneDNN kernels read the same packed values); other
     input sizes still work (reordered per call where their layout differs). Without oneDNN
     (or off CPU) ``network`` is returned as is. Undo with :func:`unpack_kernels` (e.g. to save).
-    Kernels used through a transformation (the sub-pixel upsampling kernels) stay plain.
+    Kernels used through a transformation (the sub-pixel upsampling kernels) stay plain; a
+    packed network computing in bfloat16 (XLA) unpacks its kernels on every call (slow).
+    ``consume``: free each plain kernel once packed, so that packing a loaded network never
+    holds two copies of its weights (``network`` itself is unusable afterwards).
     """
     if not onednn.available():
         return network
@@ -244,6 +247,8 @@ def pack_kernels(network: T, *example_args: Any) -> T:
                 node = copy.copy(node)
                 object.__setattr__(node, "weight", onednn.pack(weight, spatial, stride=stride, padding=padding,
                                                                blocked=blocked))
+                if consume:
+                    weight.delete()
         return node
 
     return jax.tree_util.tree_map(pack, network, is_leaf=lambda node: isinstance(node, Conv3d))
