@@ -251,7 +251,10 @@ def pack_kernels(network: T, *example_args: Any, consume: bool = False) -> T:
                     weight.delete()
         return node
 
-    return jax.tree_util.tree_map(pack, network, is_leaf=lambda node: isinstance(node, Conv3d))
+    packed = jax.tree_util.tree_map(pack, network, is_leaf=lambda node: isinstance(node, Conv3d))
+    if consume:
+        onednn.return_freed_memory()
+    return packed
 
 
 def unpack_kernels(network: T) -> T:

@@ -170,10 +170,24 @@ def pack(weight: Float[Array, "out in kd kh kw"], spatial: tuple[int, int, int],
     code = np.asarray(problem, np.int64)
     floats = library.brain_ldm_onednn_packed_floats(code.ctypes.data)
     plain = np.ascontiguousarray(np.asarray(weight, np.float32))
-    packed = np.empty(max(floats, 0), np.float32)
+    # 64-byte aligned, so that the JAX array below is this buffer, not a copy of it
+    buffer = np.empty(max(floats, 0) + 16, np.float32)
+    start = (-buffer.ctypes.data % 64) // 4
+    packed = buffer[start:start + max(floats, 0)]
     if floats < 0 or library.brain_ldm_onednn_pack(code.ctypes.data, plain.ctypes.data, packed.ctypes.data, 0):
         raise RuntimeError(f"oneDNN could not pack a {weight.shape} kernel for problem {problem}")
-    return PackedKernel(jnp.asarray(packed), tuple(int(n) for n in weight.shape), problem)
+    return PackedKernel(jax.device_put(packed, jax.devices("cpu")[0], may_alias=True),
+                        tuple(int(n) for n in weight.shape), problem)
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+    Packing a network frees one plain kernel per packed one, and glibc keeps such freed blocks
+    for reuse: measured, 0.5 GiB of a full-size U-Net's stayed resident without this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _unpack_numpy(packed: PackedKernel, data: np.ndarray) -> np.ndarray:
