@@ -3,16 +3,19 @@
 // Registered from Python (brain_ldm_nodes/models/onednn.py) with jax.ffi.register_ffi_target under
 // the name "brain_ldm_onednn_conv3d", platform "cpu". Arguments, all float32 and row-major:
 //   x      (..., I, D, H, W)   or, with channels_last, (..., D, H, W, I); leading axes = the batch
-//   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch)
+//   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch),
+//          or, with packed_for, the kernel already in oneDNN's layout (brain_ldm_onednn_pack), flat
 //   bias   (..., O),             leading axes all of size 1, or one bias per example
 // Result: (..., O, D', H', W') (or channels-last), the same leading axes as x.
 // Attributes: stride (one for every axis), pad_{d,h,w}_{lo,hi} (zero padding before / after),
 // blocked (use the layout oneDNN prefers for the activations, nCdhw8c/16c, reordering the
-// plain input and output; otherwise channels-last, ndhwc).
+// plain input and output; otherwise channels-last, ndhwc), packed_for (empty, or the 16 values
+// of the problem the packed kernel was made for: see problem_from).
 //
 // oneDNN primitives (convolution and the reorders around it) are built once per problem
-// (shapes, stride, padding, layout) and cached. On each call the kernel is reordered into
-// oneDNN's packed layout and the activations into its blocked layout, in three scratch buffers
+// (shapes, stride, padding, layout) and cached. On each call a plain kernel is reordered into
+// oneDNN's packed layout (a packed one is read as is) and the activations into its blocked
+// layout, in three scratch buffers
 // shared by all problems (grown to the largest one, never one per problem: a U-Net's packed
 // kernels would otherwise double its 2.2 GB of weights). Calls are serialised: each uses all of
 // oneDNN's OpenMP threads (OMP_NUM_THREADS).

@@ -9,7 +9,11 @@ from nipype.pipeline import engine as pe
 
 from ..interfaces import NormaliseDemographics, SampleT1w
 
-#: Peak memory (GB) of one full-size (160 x 224 x 160) sample on CPU (UPSTREAM.md §7: ~10.5 GB).
+#: Memory (GB) requested per full-size (160 x 224 x 160) node on CPU; also the default of the
+#: autoencoder and counterfactual workflows. Measured peak RSS with the whole model loaded
+#: (2026-11-30, oneDNN path): a sample (DDIM steps + streaming decode; bench/sample_peak.py)
+#: 5.7 GiB = 6.1 GB (XLA fallback 6.6 GiB = 7.1 GB); an encode (in memory, as counterfactuals
+#: do) 9.4 GiB = 10.1 GB, which this covers with a 19 % margin. Sampling alone would need ~8.
 FULL_SIZE_MEM_GB = 12.0
 
 
