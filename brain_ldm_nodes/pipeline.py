@@ -31,7 +31,7 @@ from .grid import MODEL_GRID_SHAPE as IMAGE_SHAPE  # the released model's grid (
 from .models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .models.layers import with_numerics
 from .models.streaming import decode_streaming, decode_streaming_layout_ok
-from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
+from .models.unet import DiffusionModelUNet, DiffusionModelUNetConfig, pack_unet_kernels
 from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_inverse_step, ddim_step, ddim_tables
 from .scheduler_names import SCHEDULERS, check_scheduler  # "ddim" and the solvers' names
 from .seeding import PRNG_IMPL  # how a seed maps to noise (also named in the sidecars)
@@ -281,8 +281,11 @@ class BrainLDM:
                                       local_files_only=local_files_only, token=token)
         unet = bundle.load_bundle_weights(found.folder, found.config, verify=verify)
         vae = bundle.load_bundle_weights(found.vae_folder, found.vae_config, verify=verify)
-        return cls(vae, unet, found.config.scheduler, found.source(),
-                   tuple(found.config.image_shape))
+        image_shape = tuple(found.config.image_shape)
+        latent_spatial = tuple(size // vae.config.downsampling_factor for size in image_shape)
+        # oneDNN's kernel layout once here, not on every step (a no-op without oneDNN)
+        unet = pack_unet_kernels(unet, latent_spatial, consume=True)
+        return cls(vae, unet, found.config.scheduler, found.source(), image_shape)
 
     def save_pretrained(
         self,

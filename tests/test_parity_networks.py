@@ -374,6 +374,41 @@ def test_xla_networks_equal_the_default_ones():
             assert relative_error(ours, reference) <= TOLERANCE
 
 
+def test_packed_kernels_give_the_same_network_without_reordering_them():
+    """``pack_kernels``: the kernels of the convolutions that run on oneDNN are stored in its
+    packed layout (no copy kept: as many kernels as before, no plain ones left on the oneDNN
+    path); the U-Net's output is bitwise the same (the same kernels read the same values), at
+    another input size too (relayout per call), under jit and vmap; the XLA path of a packed
+    network and ``unpack_kernels`` give the plain kernels back exactly."""
+    from brain_ldm_nodes.models import layers, onednn
+
+    assert onednn.available()
+    unet = DiffusionModelUNet(DiffusionModelUNetConfig(channels=(32, 32, 32), num_res_blocks=(1, 1, 1),
+                                                       num_head_channels=(0, 32, 32)), key=jax.random.key(2))
+    x = jax.random.normal(jax.random.key(4), (2, 7, 16, 20, 16))  # level 0 blocked, levels 1-2 channels-last
+    context = jax.random.uniform(jax.random.key(5), (2, 1, 4))
+    packed = layers.pack_kernels(unet, jax.ShapeDtypeStruct(x.shape[1:], jnp.float32), jnp.asarray(500), context[0])
+    is_packed = lambda node: isinstance(node, onednn.PackedKernel)  # noqa: E731
+    kernels = [leaf for leaf in jax.tree_util.tree_leaves(packed, is_leaf=is_packed) if is_packed(leaf)]
+    convolutions = [leaf for leaf in jax.tree_util.tree_leaves(unet, is_leaf=lambda n: isinstance(n, layers.Conv3d))
+                    if isinstance(leaf, layers.Conv3d) and leaf.weight.shape[2:] == (3, 3, 3)]
+    # every 3×3×3 kernel but the two upsamplers' (used through their sub-pixel form) is packed
+    assert len(kernels) == len(convolutions) - 2
+    assert {kernel.problem[1:4] for kernel in kernels} == {(16, 20, 16), (8, 10, 8), (4, 5, 4)}
+    run = eqx.filter_jit(lambda net, x, c: jax.vmap(lambda x, c: net(x, jnp.asarray(500), c))(x, c))
+    np.testing.assert_array_equal(np.asarray(run(packed, x, context)), np.asarray(run(unet, x, context)))
+    other = x[:, :, :8, :12, :8]  # other sizes: the packed kernels are relaid out where needed
+    np.testing.assert_array_equal(np.asarray(run(packed, other, context)), np.asarray(run(unet, other, context)))
+    xla = layers.with_numerics(packed, implementation="xla")  # unpacks (exactly) on the way
+    assert relative_error(run(xla, x, context), run(unet, x, context)) <= 1e-5
+    for plain, restored in zip(jax.tree_util.tree_leaves(unet), jax.tree_util.tree_leaves(layers.unpack_kernels(packed))):
+        np.testing.assert_array_equal(np.asarray(plain), np.asarray(restored))
+    consumed = jax.tree_util.tree_map(jnp.copy, unet)
+    packed_again = layers.pack_kernels(consumed, x[0], jnp.asarray(500), context[0], consume=True)
+    assert consumed.conv_in.weight.is_deleted() and not unet.conv_in.weight.is_deleted()
+    np.testing.assert_array_equal(np.asarray(packed_again.conv_in.weight.data), np.asarray(packed.conv_in.weight.data))
+
+
 def test_xla_decoder_matches_monai_full_config(full_autoencoders):
     """The pure-XLA path of the full-size decoder against MONAI (the default path is the
     oneDNN one in the tests above)."""

@@ -130,12 +130,12 @@ def plugin_settings(args: Namespace) -> tuple[str, dict[str, Any]]:
     return name, plugin_args
 
 
-def node_mem_gb(image_shape: Sequence[int]) -> float:
-    """Memory one sampling node needs: the full-grid figure scaled by the grid's size."""
-    from ..workflows._common import FULL_SIZE_MEM_GB
-
+def node_mem_gb(image_shape: Sequence[int], full_size_gb: float) -> float:
+    """Memory (GB) one model node needs on ``image_shape``: its measured full-grid figure
+    ``full_size_gb`` (``workflows._common.SAMPLE_MEM_GB`` or ``FULL_SIZE_MEM_GB``) scaled
+    by the grid's size."""
     scale = math.prod(image_shape) / math.prod(MODEL_GRID_SHAPE)
-    return round(max(0.25, FULL_SIZE_MEM_GB * scale), 2)
+    return round(max(0.25, full_size_gb * scale), 2)
 
 
 def demographics_config(args: Namespace) -> BidsConfig:

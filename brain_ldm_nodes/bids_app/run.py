@@ -364,12 +364,14 @@ def _run_workflow(args: Namespace, requests: Sequence[Any], table: ParticipantsT
                   plugin: str, plugin_args: dict[str, Any]) -> dict[str, str] | None:
     """Build and run the workflow; returns ``{stem: reason}`` of the images that failed, or
     ``None`` when a graph plugin (SLURMGraph, ...) has submitted the jobs without waiting."""
+    from ..workflows._common import FULL_SIZE_MEM_GB, SAMPLE_MEM_GB
     from .workflow import ImageByImageLinearPlugin, init_brain_ldm_bids_wf
 
     conditioning_files = _write_conditioning_files(table, work / "conditioning", requests)
     workflow = init_brain_ldm_bids_wf(
         requests=requests, conditioning_files=conditioning_files, output_dir=output_dir,
-        revision=args.revision, mem_gb=node_mem_gb(identity.image_shape),
+        revision=args.revision, mem_gb=node_mem_gb(identity.image_shape, SAMPLE_MEM_GB),
+        counterfactual_mem_gb=node_mem_gb(identity.image_shape, FULL_SIZE_MEM_GB),
     )
     workflow.base_dir = str(work)
     workflow.config["execution"].update({

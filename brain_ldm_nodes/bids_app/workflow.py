@@ -22,7 +22,7 @@ from ..interfaces import (
     SampleT1w,
 )
 from ..registration import TEMPLATE_NAME
-from ..workflows._common import FULL_SIZE_MEM_GB
+from ..workflows._common import FULL_SIZE_MEM_GB, SAMPLE_MEM_GB
 from .requests import CounterfactualRequest, ImageRequest
 
 
@@ -54,8 +54,8 @@ def init_brain_ldm_bids_wf(
     name
         Workflow name.
     subject
-        ``conditioning_files``, ``output_dir`` and optionally ``revision`` and ``mem_gb``:
-        passed to :func:`init_single_subject_wf` for each participant.
+        ``conditioning_files``, ``output_dir`` and optionally ``revision``, ``mem_gb`` and
+        ``counterfactual_mem_gb``: passed to :func:`init_single_subject_wf` for each participant.
     """
     if not requests:
         raise ValueError("no images requested: there is nothing to build a workflow for")
@@ -77,7 +77,8 @@ def init_single_subject_wf(
     conditioning_files: Mapping[str, str | os.PathLike[str]],
     output_dir: str | os.PathLike[str],
     revision: str | None = None,
-    mem_gb: float = FULL_SIZE_MEM_GB,
+    mem_gb: float = SAMPLE_MEM_GB,
+    counterfactual_mem_gb: float = FULL_SIZE_MEM_GB,
     name: str = "single_subject_wf",
 ) -> pe.Workflow:
     """The images of one participant: ``sample_t1w_<n>`` (:class:`SampleT1w`) then
@@ -116,7 +117,9 @@ def init_single_subject_wf(
     revision
         Hub revision of the model (ignored for bundle folders).
     mem_gb
-        Memory one sampling node needs (GB), for MultiProc's scheduling.
+        Memory one sampling node needs (GB), for MultiProc's and SLURM's scheduling.
+    counterfactual_mem_gb
+        Memory one counterfactual node (encode, invert, sample, decode) needs (GB).
     name
         Workflow name.
     """
@@ -181,7 +184,7 @@ def init_single_subject_wf(
                 t1w_space=first.t1w_space,
             ),
             name=f"counterfactual_{_node_name(source_group)}",
-            mem_gb=mem_gb,
+            mem_gb=counterfactual_mem_gb,
         )
         if revision is not None:
             counterfactual.inputs.revision = revision

@@ -3,22 +3,26 @@
 // Registered from Python (brain_ldm_nodes/models/onednn.py) with jax.ffi.register_ffi_target under
 // the name "brain_ldm_onednn_conv3d", platform "cpu". Arguments, all float32 and row-major:
 //   x      (..., I, D, H, W)   or, with channels_last, (..., D, H, W, I); leading axes = the batch
-//   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch)
+//   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch),
+//          or, with packed_for, the kernel already in oneDNN's layout (brain_ldm_onednn_pack), flat
 //   bias   (..., O),             leading axes all of size 1, or one bias per example
 // Result: (..., O, D', H', W') (or channels-last), the same leading axes as x.
 // Attributes: stride (one for every axis), pad_{d,h,w}_{lo,hi} (zero padding before / after),
 // blocked (use the layout oneDNN prefers for the activations, nCdhw8c/16c, reordering the
-// plain input and output; otherwise channels-last, ndhwc).
+// plain input and output; otherwise channels-last, ndhwc), packed_for (empty, or the 16 values
+// of the problem the packed kernel was made for: see problem_from).
 //
 // oneDNN primitives (convolution and the reorders around it) are built once per problem
-// (shapes, stride, padding, layout) and cached. On each call the kernel is reordered into
-// oneDNN's packed layout and the activations into its blocked layout, in three scratch buffers
+// (shapes, stride, padding, layout) and cached. On each call a plain kernel is reordered into
+// oneDNN's packed layout (a packed one is read as is) and the activations into its blocked
+// layout, in three scratch buffers
 // shared by all problems (grown to the largest one, never one per problem: a U-Net's packed
 // kernels would otherwise double its 2.2 GB of weights). Calls are serialised: each uses all of
 // oneDNN's OpenMP threads (OMP_NUM_THREADS).
 
 #include <omp.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
@@ -85,6 +89,22 @@ class Scratch {
 
 Scratch scratch_src, scratch_dst, scratch_weights;
 
+// Seconds spent in each phase of the calls so far (profiling: bench/profile_unet.py).
+enum Phase { kWeights, kSrc, kConv, kDst, kPhases };
+double phase_seconds[kPhases] = {};
+
+class PhaseClock {
+ public:
+  void lap(Phase phase) {
+    const auto now = std::chrono::steady_clock::now();
+    phase_seconds[phase] += std::chrono::duration<double>(now - last_).count();
+    last_ = now;
+  }
+
+ private:
+  std::chrono::steady_clock::time_point last_ = std::chrono::steady_clock::now();
+};
+
 dnnl::engine& engine() {
   static dnnl::engine instance(dnnl::engine::kind::cpu, 0);
   return instance;
@@ -142,6 +162,28 @@ std::unique_ptr<Plan> make_plan(const Problem& p) {
   return plan;
 }
 
+// Caller holds call_mutex().
+Plan& plan_for(const Problem& p) {
+  auto& slot = plans()[p];
+  if (!slot) slot = make_plan(p);
+  return *slot;
+}
+
+// A problem written as 16 integers (packing; the packed_for attribute): one example (n = 1),
+// plain channels-first user layout:
+// i, d, h, w, o, kd, kh, kw, stride, pad d lo, d hi, h lo, h hi, w lo, w hi, blocked.
+constexpr size_t kPackedProblem = 16;
+
+Problem problem_from(const int64_t* v) {
+  Problem p{};
+  p.n = 1, p.i = v[0], p.d = v[1], p.h = v[2], p.w = v[3], p.o = v[4], p.kd = v[5], p.kh = v[6], p.kw = v[7];
+  p.stride = v[8];
+  for (int k = 0; k < 6; ++k) p.pads[k] = v[9 + k];
+  p.blocked = v[15] != 0;
+  p.channels_last = false;
+  return p;
+}
+
 int64_t leading(const ffi::Span<const int64_t> dims, size_t trailing) {
   int64_t product = 1;
   for (size_t k = 0; k + trailing < dims.size(); ++k) product *= dims[k];
@@ -151,11 +193,11 @@ int64_t leading(const ffi::Span<const int64_t> dims, size_t trailing) {
 ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
                   ffi::ResultBuffer<ffi::F32> y, int64_t stride, int64_t pad_d_lo, int64_t pad_d_hi,
                   int64_t pad_h_lo, int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi, bool blocked,
-                  bool channels_last) {
+                  bool channels_last, ffi::Span<const int64_t> packed_for) {
   const auto xd = x.dimensions(), wd = weight.dimensions(), bd = bias.dimensions();
-  if (xd.size() < 4 || wd.size() < 5 || bd.size() < 1)
-    return ffi::Error::InvalidArgument("onednn conv3d: x needs rank >= 4, weight >= 5, bias >= 1");
-  if (leading(wd, 5) != 1)
+  if (xd.size() < 4 || bd.size() < 1)
+    return ffi::Error::InvalidArgument("onednn conv3d: x needs rank >= 4, bias >= 1");
+  if (packed_for.size() == 0 && wd.size() >= 5 && leading(wd, 5) != 1)
     return ffi::Error::InvalidArgument("onednn conv3d: one kernel per call (weights must not be batched)");
   const size_t r = xd.size();
   Problem p{};
@@ -173,10 +215,23 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
   } else {
     p.i = xd[r - 4], p.d = xd[r - 3], p.h = xd[r - 2], p.w = xd[r - 1];
   }
-  const size_t rw = wd.size();
-  p.o = wd[rw - 5], p.kd = wd[rw - 3], p.kh = wd[rw - 2], p.kw = wd[rw - 1];
-  if (wd[rw - 4] != p.i || bd[bd.size() - 1] != p.o)
-    return ffi::Error::InvalidArgument("onednn conv3d: x, weight and bias channels disagree");
+  // packed_for: empty (weight is the plain (O, I, kD, kH, kW) kernel, reordered on every call) or
+  // the problem the weight was packed for by brain_ldm_onednn_pack (kPackedProblem values; the
+  // weight is then that plan's packed kernel, a flat array).
+  const bool packed = packed_for.size() != 0;
+  if (packed) {
+    if (packed_for.size() != kPackedProblem)
+      return ffi::Error::InvalidArgument("onednn conv3d: packed_for needs 16 values");
+    p.o = packed_for[4], p.kd = packed_for[5], p.kh = packed_for[6], p.kw = packed_for[7];
+    if (packed_for[0] != p.i || bd[bd.size() - 1] != p.o)
+      return ffi::Error::InvalidArgument("onednn conv3d: x, packed weight and bias channels disagree");
+  } else {
+    if (wd.size() < 5) return ffi::Error::InvalidArgument("onednn conv3d: weight needs rank >= 5");
+    const size_t rw = wd.size();
+    p.o = wd[rw - 5], p.kd = wd[rw - 3], p.kh = wd[rw - 2], p.kw = wd[rw - 1];
+    if (wd[rw - 4] != p.i || bd[bd.size() - 1] != p.o)
+      return ffi::Error::InvalidArgument("onednn conv3d: x, weight and bias channels disagree");
+  }
   p.stride = stride;
   const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
   std::memcpy(p.pads, pads, sizeof pads);
@@ -186,13 +241,30 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
 
   std::lock_guard<std::mutex> lock(call_mutex());
   try {
-    auto& slot = plans()[p];
-    if (!slot) slot = make_plan(p);
-    Plan& plan = *slot;
+    Plan& plan = plan_for(p);
     dnnl::stream stream(engine());
-    dnnl::memory weights_user(plan.weights_user, engine(), const_cast<float*>(weight.typed_data()));
-    dnnl::memory weights_packed(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
-    plan.weights_reorder.execute(stream, weights_user, weights_packed);
+    PhaseClock clock;
+    dnnl::memory weights_packed;
+    if (packed) {
+      // Packed at load for packed_for; used as is when this problem wants the same layout
+      // (the usual case), else reordered between the two packed layouts.
+      const Plan& origin = plan_for(problem_from(packed_for.begin()));
+      if (static_cast<int64_t>(origin.weights_md.get_size() / sizeof(float)) != leading(wd, 0))
+        return ffi::Error::InvalidArgument("onednn conv3d: packed weight size differs from its problem's");
+      dnnl::memory weights_given(origin.weights_md, engine(), const_cast<float*>(weight.typed_data()));
+      if (origin.weights_md == plan.weights_md) {
+        weights_packed = weights_given;
+      } else {
+        weights_packed = dnnl::memory(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
+        dnnl::reorder(weights_given, weights_packed).execute(stream, weights_given, weights_packed);
+      }
+    } else {
+      dnnl::memory weights_user(plan.weights_user, engine(), const_cast<float*>(weight.typed_data()));
+      weights_packed = dnnl::memory(plan.weights_md, engine(), scratch_weights.get(plan.weights_md.get_size()));
+      plan.weights_reorder.execute(stream, weights_user, weights_packed);
+    }
+    stream.wait();
+    clock.lap(kWeights);
     const size_t src_step = plan.src_user.get_size() / sizeof(float);
     const size_t dst_step = plan.dst_user.get_size() / sizeof(float);
     for (int64_t e = 0; e < examples; ++e) {
@@ -204,13 +276,19 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
       if (plan.reorder_src) {
         src = dnnl::memory(plan.src_md, engine(), scratch_src.get(plan.src_md.get_size()));
         plan.src_reorder.execute(stream, src_user, src);
+        stream.wait();
       }
+      clock.lap(kSrc);
       if (plan.reorder_dst) dst = dnnl::memory(plan.dst_md, engine(), scratch_dst.get(plan.dst_md.get_size()));
       plan.conv.execute(stream, {{DNNL_ARG_SRC, src},
                                  {DNNL_ARG_WEIGHTS, weights_packed},
                                  {DNNL_ARG_BIAS, bias_mem},
                                  {DNNL_ARG_DST, dst}});
+      stream.wait();
+      clock.lap(kConv);
       if (plan.reorder_dst) plan.dst_reorder.execute(stream, dst, dst_user);
+      stream.wait();
+      clock.lap(kDst);
     }
     stream.wait();
   } catch (const dnnl::error& e) {
@@ -237,7 +315,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
                                   .Attr<int64_t>("pad_w_lo")
                                   .Attr<int64_t>("pad_w_hi")
                                   .Attr<bool>("blocked")
-                                  .Attr<bool>("channels_last"));
+                                  .Attr<bool>("channels_last")
+                                  .Attr<ffi::Span<const int64_t>>("packed_for"));
 
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
@@ -248,6 +327,44 @@ extern "C" void brain_ldm_onednn_release_scratch() {
   scratch_src.release();
   scratch_dst.release();
   scratch_weights.release();
+}
+
+// Seconds spent so far reordering kernels, reordering inputs, convolving, reordering outputs
+// (written to seconds[0..3]); reset with reset != 0.
+extern "C" void brain_ldm_onednn_phase_seconds(double* seconds, int reset) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  for (int k = 0; k < kPhases; ++k) {
+    seconds[k] = phase_seconds[k];
+    if (reset) phase_seconds[k] = 0.0;
+  }
+}
+
+// Floats of the kernel packed for `problem` (16 values, see problem_from), or -1 on error.
+extern "C" int64_t brain_ldm_onednn_packed_floats(const int64_t* problem) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  try {
+    return static_cast<int64_t>(plan_for(problem_from(problem)).weights_md.get_size() / sizeof(float));
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
+
+// Kernel (O, I, kD, kH, kW) reordered into, or (unpack != 0) back from, the layout the convolution
+// of `problem` reads (brain_ldm_onednn_packed_floats floats). 0 on success, -1 on error.
+extern "C" int brain_ldm_onednn_pack(const int64_t* problem, const float* from, float* to, int unpack) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  try {
+    const Plan& plan = plan_for(problem_from(problem));
+    const auto& source = unpack ? plan.weights_md : plan.weights_user;
+    const auto& target = unpack ? plan.weights_user : plan.weights_md;
+    dnnl::memory in(source, engine(), const_cast<float*>(from)), out(target, engine(), to);
+    dnnl::stream stream(engine());
+    dnnl::reorder(in, out).execute(stream, in, out);
+    stream.wait();
+    return 0;
+  } catch (const dnnl::error&) {
+    return -1;
+  }
 }
 
 // Number of cached primitive plans (tests: the cache is keyed by problem, not by call).

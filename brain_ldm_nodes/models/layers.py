@@ -14,6 +14,7 @@ Conventions (all modules in :mod:`brain_ldm_nodes.models`):
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import dataclasses
 import math
@@ -94,7 +95,7 @@ class Conv3d(eqx.Module):
     ``(before, after)`` pair applied to every spatial axis.
     """
 
-    weight: Float[Array, "out in kd kh kw"]
+    weight: Float[Array, "out in kd kh kw"] | onednn.PackedKernel  # packed: see pack_kernels
     bias: Float[Array, " out"]
     stride: int = eqx.field(static=True)
     padding: tuple[int, int] = eqx.field(static=True)
@@ -182,9 +183,14 @@ def conv3d(
         if not pointwise and numerics.operand_dtype == "float32" and onednn.available():
             out_voxels = math.prod((size + lo + hi - k) // stride + 1
                                    for size, (lo, hi), k in zip(x.shape[1:], padding, kernel))
-            return onednn.conv3d(x, weight, bias, stride=stride, padding=padding,
-                                 blocked=out_voxels >= ONEDNN_BLOCKED_MIN_VOXELS)
+            blocked = out_voxels >= ONEDNN_BLOCKED_MIN_VOXELS
+            recorder = _PACKING.get()
+            if recorder is not None and not isinstance(weight, onednn.PackedKernel):
+                recorder.setdefault(id(weight), (weight, tuple(x.shape[1:]), stride, padding, blocked))
+            return onednn.conv3d(x, weight, bias, stride=stride, padding=padding, blocked=blocked)
         name = "auto"
+    if isinstance(weight, onednn.PackedKernel):
+        weight = onednn.unpack(weight)
     if name == "winograd" and not (kernel == (3, 3, 3) and stride == 1 and padding == ((1, 1),) * 3
                                    and numerics.operand_dtype == "float32"):
         name = "auto"
@@ -202,6 +208,65 @@ def conv3d(
                                   if bias is None else bias)
     out = {"xla": _conv_xla, "planes": _conv_planes, "matmul": _conv_matmul}[name](x_in, weight_in, stride, padding)
     return out if bias is None else out + bias[:, None, None, None]
+
+
+# While pack_kernels traces a network: id(kernel) -> (kernel, input size, stride, padding, blocked)
+# of every convolution that runs on oneDNN.
+_PACKING: contextvars.ContextVar[dict | None] = contextvars.ContextVar("brain_ldm_packing", default=None)
+
+
+def pack_kernels(network: T, *example_args: Any, consume: bool = False) -> T:
+    """A copy of ``network`` whose convolutions that run on oneDNN hold their kernels packed in
+    oneDNN's layout (:class:`~brain_ldm_nodes.models.onednn.PackedKernel`), so that no call
+    reorders them again (the U-Net's 2.2 GB of kernels were reordered on every step).
+
+    ``example_args``: arguments of one call (arrays or :class:`jax.ShapeDtypeStruct`), e.g. the
+    U-Net's ``(x, timestep, context)``; the network is traced once (:func:`jax.eval_shape`, nothing
+    runs) to find each convolution's input size. Packed kernels replace the plain ones: no extra
+    memory. Results are unchanged (the same oneDNN kernels read the same packed values); other
+    input sizes still work (reordered per call where their layout differs). Without oneDNN
+    (or off CPU) ``network`` is returned as is. Undo with :func:`unpack_kernels` (e.g. to save).
+    Kernels used through a transformation (the sub-pixel upsampling kernels) stay plain; a
+    packed network computing in bfloat16 (XLA) unpacks its kernels on every call (slow).
+    ``consume``: free each plain kernel once packed, so that packing a loaded network never
+    holds two copies of its weights (``network`` itself is unusable afterwards).
+    """
+    if not onednn.available():
+        return network
+    recorded: dict[int, tuple] = {}
+    token = _PACKING.set(recorded)
+    try:
+        jax.eval_shape(lambda *args: network(*args), *example_args)
+    finally:
+        _PACKING.reset(token)
+
+    def pack(node: Any) -> Any:
+        if isinstance(node, Conv3d) and id(node.weight) in recorded:
+            weight, spatial, stride, padding, blocked = recorded[id(node.weight)]
+            if weight is node.weight:
+                node = copy.copy(node)
+                object.__setattr__(node, "weight", onednn.pack(weight, spatial, stride=stride, padding=padding,
+                                                               blocked=blocked))
+                if consume:
+                    weight.delete()
+        return node
+
+    packed = jax.tree_util.tree_map(pack, network, is_leaf=lambda node: isinstance(node, Conv3d))
+    if consume:
+        onednn.return_freed_memory()
+    return packed
+
+
+def unpack_kernels(network: T) -> T:
+    """A copy of ``network`` with every packed kernel (:func:`pack_kernels`) plain again (exact)."""
+
+    def unpack(node: Any) -> Any:
+        if isinstance(node, Conv3d) and isinstance(node.weight, onednn.PackedKernel):
+            node = copy.copy(node)
+            object.__setattr__(node, "weight", onednn.unpack(node.weight))
+        return node
+
+    return jax.tree_util.tree_map(unpack, network, is_leaf=lambda node: isinstance(node, Conv3d))
 
 
 def _conv_xla(x: Volume, weight: Array, stride: int, padding: Padding) -> Volume:
@@ -337,10 +402,18 @@ def subpixel_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "8*ou
     i.e. ``x`` at ``(i-1, i)`` with taps ``(w₀, w₁+w₂)`` for ``a = 0`` and at ``(i, i+1)`` with
     taps ``(w₀+w₁, w₂)`` for ``a = 1``. The parity classes ``(a, b, c)`` are stacked on the
     output axis, parity-major: exact algebra with 8·8 instead of 27·8 multiplies per voxel.
+
+    Written as sums of kernel slices (one pass over the kernel per axis), not as an einsum with
+    0/1 matrices: that took ≈ 0.65 s of a 6.8 s full-size U-Net step in dot products and
+    transposes of the 2.4× larger result (``bench/profile_unet.py``).
     """
-    fold = jnp.array([[[1, 0, 0], [0, 1, 1]], [[1, 1, 0], [0, 0, 1]]], weight.dtype)  # (a, tap, k)
-    kernels = jnp.einsum("apk,bql,crm,oiklm->abcoipqr", fold, fold, fold, weight, precision=PRECISION)
-    return kernels.reshape((8 * weight.shape[0], weight.shape[1], 2, 2, 2))
+    folded = weight  # (..., O, I, 3, 3, 3); each fold puts its parity axis first
+    for axis in (-1, -2, -3):  # w, then h, then d: the parities end up ordered (a, b, c)
+        w0, w1, w2 = (lax.index_in_dim(folded, k, axis, keepdims=True) for k in range(3))
+        even = jnp.concatenate([w0, w1 + w2], axis=axis)  # parity 0: x at (i-1, i)
+        odd = jnp.concatenate([w0 + w1, w2], axis=axis)  # parity 1: x at (i, i+1)
+        folded = jnp.stack([even, odd])
+    return folded.reshape((8 * weight.shape[0], weight.shape[1], 2, 2, 2))
 
 
 def upsample_conv(x: Volume, conv: Conv3d, bias: Float[Array, " out"] | None = None) -> Volume:

@@ -26,8 +26,10 @@ import os
 from importlib import metadata
 from pathlib import Path
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float
 
 log = logging.getLogger("brain_ldm_nodes")
@@ -78,6 +80,10 @@ def _library() -> ctypes.CDLL | None:
         return None
     library.brain_ldm_onednn_max_threads.restype = ctypes.c_int
     library.brain_ldm_onednn_cached_plans.restype = ctypes.c_int64
+    library.brain_ldm_onednn_packed_floats.restype = ctypes.c_int64
+    library.brain_ldm_onednn_packed_floats.argtypes = [ctypes.c_void_p]
+    library.brain_ldm_onednn_pack.restype = ctypes.c_int
+    library.brain_ldm_onednn_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return library
 
 
@@ -100,23 +106,123 @@ def release_scratch() -> None:
         library.brain_ldm_onednn_release_scratch()
 
 
+#: Phases of a oneDNN convolution call timed by :func:`phase_seconds`.
+PHASES = ("kernel reorder", "input reorder", "convolution", "output reorder")
+
+
+def phase_seconds(reset: bool = False) -> dict[str, float]:
+    """Seconds the calls so far spent in each of :data:`PHASES` (profiling); ``reset``: zero them."""
+    library = _library()
+    if library is None:
+        return {phase: 0.0 for phase in PHASES}
+    seconds = (ctypes.c_double * len(PHASES))()
+    library.brain_ldm_onednn_phase_seconds(seconds, int(reset))
+    return dict(zip(PHASES, seconds))
+
+
 def cached_plans() -> int:
     """Primitives built so far (one per distinct problem: shapes, stride, padding, layout)."""
     library = _library()
     return 0 if library is None else int(library.brain_ldm_onednn_cached_plans())
 
 
+Padding = tuple[tuple[int, int], tuple[int, int], tuple[int, int]]
+
+
+def _out_shape(spatial: tuple[int, ...], kernel: tuple[int, ...], stride: int, padding: Padding) -> tuple[int, ...]:
+    return tuple((size + lo + hi - k) // stride + 1 for size, (lo, hi), k in zip(spatial, padding, kernel))
+
+
+def _problem(channels_in: int, spatial: tuple[int, ...], kernel_shape: tuple[int, ...], stride: int,
+             padding: Padding, blocked: bool) -> tuple[int, ...]:
+    """The 16 integers naming a convolution problem in ``csrc/onednn_conv3d.cc`` (``problem_from``)."""
+    channels_out, _, *kernel = kernel_shape
+    return (channels_in, *spatial, channels_out, *kernel, stride, *(p for pair in padding for p in pair),
+            int(blocked))
+
+
+class PackedKernel(eqx.Module):
+    """A convolution kernel stored in the blocked layout oneDNN's convolution reads (e.g.
+    ``OIdhw16i16o``), packed once (:func:`pack`) instead of reordered on every call.
+
+    ``data``: the packed floats (flat; its length includes the layout's channel padding).
+    ``shape``: the plain kernel's ``(O, I, kD, kH, kW)``. ``problem``: the convolution it was
+    packed for (:func:`_problem`: input channels and size, kernel, stride, padding, layout); a
+    call on another problem that wants another layout reorders it (correct, slower).
+    """
+
+    data: Float[Array, " packed"]
+    shape: tuple[int, ...] = eqx.field(static=True)
+    problem: tuple[int, ...] = eqx.field(static=True)
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        return self.data.dtype
+
+
+def pack(weight: Float[Array, "out in kd kh kw"], spatial: tuple[int, int, int], *, stride: int,
+         padding: Padding, blocked: bool) -> PackedKernel:
+    """``weight`` packed for the convolution of a ``(I, *spatial)`` input (eager, not traceable)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the oneDNN extension is not available")
+    problem = _problem(weight.shape[1], tuple(spatial), tuple(weight.shape), stride, padding, blocked)
+    code = np.asarray(problem, np.int64)
+    floats = library.brain_ldm_onednn_packed_floats(code.ctypes.data)
+    plain = np.ascontiguousarray(np.asarray(weight, np.float32))
+    # 64-byte aligned, so that the JAX array below is this buffer, not a copy of it
+    buffer = np.empty(max(floats, 0) + 16, np.float32)
+    start = (-buffer.ctypes.data % 64) // 4
+    packed = buffer[start:start + max(floats, 0)]
+    if floats < 0 or library.brain_ldm_onednn_pack(code.ctypes.data, plain.ctypes.data, packed.ctypes.data, 0):
+        raise RuntimeError(f"oneDNN could not pack a {weight.shape} kernel for problem {problem}")
+    return PackedKernel(jax.device_put(packed, jax.devices("cpu")[0], may_alias=True),
+                        tuple(int(n) for n in weight.shape), problem)
+
+
+def return_freed_memory() -> None:
+    """Give the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a no-op).
+    Packing a network frees one plain kernel per packed one, and glibc keeps such freed blocks
+    for reuse: measured, 0.5 GiB of a full-size U-Net's stayed resident without this."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _unpack_numpy(packed: PackedKernel, data: np.ndarray) -> np.ndarray:
+    library = _library()
+    if library is None:
+        raise RuntimeError("the oneDNN extension is not available")
+    code = np.asarray(packed.problem, np.int64)
+    source = np.ascontiguousarray(np.asarray(data, np.float32))
+    plain = np.empty(packed.shape, np.float32)
+    if library.brain_ldm_onednn_pack(code.ctypes.data, source.ctypes.data, plain.ctypes.data, 1):
+        raise RuntimeError(f"oneDNN could not unpack a kernel packed for problem {packed.problem}")
+    return plain
+
+
+def unpack(packed: PackedKernel) -> Float[Array, "out in kd kh kw"]:
+    """The plain ``(O, I, kD, kH, kW)`` kernel of ``packed`` (exact; also inside :func:`jax.jit`,
+    through a host callback: for the XLA path and saving, not for speed)."""
+    if isinstance(packed.data, jax.core.Tracer):
+        return jax.pure_callback(functools.partial(_unpack_numpy, packed),
+                                 jax.ShapeDtypeStruct(packed.shape, jnp.float32), packed.data)
+    return jnp.asarray(_unpack_numpy(packed, packed.data))
+
+
 def conv3d(
     x: Float[Array, "in d h w"],
-    weight: Float[Array, "out in kd kh kw"],
+    weight: Float[Array, "out in kd kh kw"] | PackedKernel,
     bias: Float[Array, " out"] | None,
     *,
     stride: int,
-    padding: tuple[tuple[int, int], tuple[int, int], tuple[int, int]],
+    padding: Padding,
     blocked: bool = True,
 ) -> Float[Array, "out d2 h2 w2"]:
     """Cross-correlation of one ``(I, D, H, W)`` float32 volume with an ``(O, I, kD, kH, kW)``
-    kernel plus ``bias``, by oneDNN (layouts as :func:`~brain_ldm_nodes.models.layers.conv3d`).
+    kernel (plain, or a :class:`PackedKernel`) plus ``bias``, by oneDNN (layouts as
+    :func:`~brain_ldm_nodes.models.layers.conv3d`).
 
     ``blocked``: oneDNN's preferred blocked activation layout (nCdhw16c on AVX-512), reordered
     from and to the plain one inside the call; else channels-last (ndhwc). Works under
@@ -126,16 +232,18 @@ def conv3d(
     if _library() is None:
         raise RuntimeError("the oneDNN extension is not available")
     channels_out = weight.shape[0]
-    kernel = weight.shape[2:]
-    out_shape = tuple((size + lo + hi - k) // stride + 1
-                      for size, (lo, hi), k in zip(x.shape[1:], padding, kernel))
+    out_shape = _out_shape(x.shape[1:], weight.shape[2:], stride, padding)
     if bias is None:
         bias = jnp.zeros((channels_out,), jnp.float32)
+    if isinstance(weight, PackedKernel):
+        kernel, packed_for = weight.data, np.asarray(weight.problem, np.int64)
+    else:
+        kernel, packed_for = weight.astype(jnp.float32), np.zeros((0,), np.int64)
     call = jax.ffi.ffi_call(
         TARGET, jax.ShapeDtypeStruct((1, channels_out, *out_shape), jnp.float32), vmap_method="expand_dims")
     (d_lo, d_hi), (h_lo, h_hi), (w_lo, w_hi) = padding
-    out = call(x[None].astype(jnp.float32), weight.astype(jnp.float32), bias.astype(jnp.float32),
+    out = call(x[None].astype(jnp.float32), kernel, bias.astype(jnp.float32),
                stride=int(stride), pad_d_lo=int(d_lo), pad_d_hi=int(d_hi), pad_h_lo=int(h_lo),
                pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi), blocked=bool(blocked),
-               channels_last=False)
+               channels_last=False, packed_for=packed_for)
     return out[0]

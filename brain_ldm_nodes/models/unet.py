@@ -26,6 +26,7 @@ from .layers import (
     Volume,
     avg_pool2,
     conv3d,
+    pack_kernels,
     upsample_conv,
     upsample_nearest,
 )
@@ -487,3 +488,15 @@ class DiffusionModelUNet(eqx.Module):
         for block in self.up_blocks:
             h = block(h, skips, emb, context)
         return self.out_conv(jax.nn.silu(self.out_norm(h)))
+
+
+def pack_unet_kernels(
+    unet: DiffusionModelUNet, latent_spatial: tuple[int, int, int], *, consume: bool = False
+) -> DiffusionModelUNet:
+    """``unet`` with its oneDNN convolution kernels packed once (:func:`~.layers.pack_kernels`)
+    for latents of spatial size ``latent_spatial`` (other sizes still work); unchanged without
+    oneDNN. ``consume``: free the plain kernels as they are packed (load time)."""
+    config = unet.config
+    x = jax.ShapeDtypeStruct((config.in_channels, *latent_spatial), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, config.cross_attention_dim), jnp.float32)
+    return pack_kernels(unet, x, jax.ShapeDtypeStruct((), jnp.float32), context, consume=consume)

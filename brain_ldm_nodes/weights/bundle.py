@@ -34,6 +34,7 @@ from ..conditioning import CONDITIONING_ORDER
 from ..grid import MODEL_GRID_SHAPE
 from ..hashing import sha256_of  # noqa: F401  (re-exported: weights files are hashed here)
 from ..models.autoencoder import AutoencoderKL, AutoencoderKLConfig
+from ..models.layers import unpack_kernels
 from ..models.unet import DiffusionModelUNet, DiffusionModelUNetConfig
 from ..scheduler import DDIMSchedulerConfig
 from .mapping import WeightMappingError, check_parameters, load_parameters, named_parameters
@@ -306,8 +307,10 @@ def _write_bundle(
 
 
 def module_tensors(module: eqx.Module) -> dict[str, np.ndarray]:
-    """``{our name: float32 numpy array}`` of a network, as bundles store it."""
-    return {name: np.asarray(array, np.float32) for name, array in named_parameters(module).items()}
+    """``{our name: float32 numpy array}`` of a network, as bundles store it (kernels that
+    :func:`~brain_ldm_nodes.models.layers.pack_kernels` packed for oneDNN are stored plain)."""
+    plain = unpack_kernels(module)
+    return {name: np.asarray(array, np.float32) for name, array in named_parameters(plain).items()}
 
 
 def save_vae_bundle(

@@ -8,9 +8,9 @@ from nipype.interfaces import utility as niu
 from nipype.pipeline import engine as pe
 
 from ..interfaces import NormaliseDemographics, SampleT1w
-from ._common import FULL_SIZE_MEM_GB, model_node
+from ._common import FULL_SIZE_MEM_GB, SAMPLE_MEM_GB, model_node
 
-__all__ = ["FULL_SIZE_MEM_GB", "init_synthesis_wf"]
+__all__ = ["FULL_SIZE_MEM_GB", "SAMPLE_MEM_GB", "init_synthesis_wf"]
 
 
 def init_synthesis_wf(
@@ -21,7 +21,7 @@ def init_synthesis_wf(
     scheduler: str = "ddim",
     image_shape: Sequence[int] | None = None,
     out_of_range: str | None = None,
-    mem_gb: float = FULL_SIZE_MEM_GB,
+    mem_gb: float = SAMPLE_MEM_GB,
     name: str = "synthesis_wf",
 ):
     """Synthesise one T1w image from one participant's demographics and a seed.
@@ -56,8 +56,9 @@ def init_synthesis_wf(
         ``"error"``, ``"clip"`` or ``"allow"`` for normalised values outside [0, 1];
         ``None``: the policy's choice (``"error"`` by default).
     mem_gb
-        Memory one sampling node needs, for MultiProc scheduling (GB); about 12 at the
-        full grid on CPU, far less for small test models.
+        Memory one sampling node needs, for MultiProc scheduling (GB); the default is the
+        measured full-grid figure on CPU (:data:`SAMPLE_MEM_GB`), far more than small test
+        models need.
     name
         Workflow name.
 
