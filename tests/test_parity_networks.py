@@ -436,10 +436,11 @@ def test_numerics_configuration_is_static_and_validated():
         layers.Numerics("fast")
 
 
-@pytest.mark.parametrize("how", ["extension absent", "switched off"])
+@pytest.mark.parametrize("how", ["extension absent", "stale build", "switched off"])
 def test_package_works_on_xla_without_the_extension(how):
-    """Without the built extension (or with ``BRAIN_LDM_NODES_ONEDNN=0``) convolutions lower to
-    XLA and give the same numbers; an absent extension is reported in one line."""
+    """Without the built extension, with one built from another version of the C++ source (a
+    stale build in a checkout), or with ``BRAIN_LDM_NODES_ONEDNN=0``, convolutions lower to
+    XLA and give the same numbers; an absent or stale extension is reported in one line."""
     import os
     import subprocess
     import sys
@@ -448,12 +449,13 @@ def test_package_works_on_xla_without_the_extension(how):
         "import jax, jax.numpy as jnp\n"
         "from brain_ldm_nodes.models import layers, onednn\n"
         + ("onednn._extension_path = lambda: None\n" if how == "extension absent" else "")
+        + ("onednn.INTERFACE_VERSION += 1\n" if how == "stale build" else "")
         + "x = jax.random.normal(jax.random.key(0), (4, 5, 6, 3)); w = jax.random.normal(jax.random.key(1), (3, 4, 3, 3, 3))\n"
         "hlo = jax.jit(lambda x: layers.conv3d(x, w)).lower(x).as_text()\n"
         "assert onednn.TARGET not in hlo and not onednn.available()\n"
         "print(float(jnp.abs(layers.conv3d(x, w)).sum()))\n"
     )
-    env = {**os.environ, "BRAIN_LDM_NODES_ONEDNN": "1" if how == "extension absent" else "0"}
+    env = {**os.environ, "BRAIN_LDM_NODES_ONEDNN": "0" if how == "switched off" else "1"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
     from brain_ldm_nodes.models import layers
 
@@ -461,4 +463,15 @@ def test_package_works_on_xla_without_the_extension(how):
     w = jax.random.normal(jax.random.key(1), (3, 4, 3, 3, 3))
     assert float(result.stdout) == pytest.approx(float(jnp.abs(layers.conv3d(x, w)).sum()), rel=1e-5)
     notices = [line for line in result.stderr.splitlines() if "oneDNN extension" in line]
-    assert len(notices) == (1 if how == "extension absent" else 0), result.stderr
+    assert len(notices) == (0 if how == "switched off" else 1), result.stderr
+    if how == "stale build":
+        assert "built from another source" in notices[0] and "pip install -e ." in notices[0]
+
+
+def test_an_extension_without_an_interface_version_is_not_used():
+    """An extension built before the interface version existed is refused, with the reason."""
+    from brain_ldm_nodes.models import onednn
+
+    assert onednn.interface_mismatch(object()).startswith("built from an older source")
+    if onednn.available():  # the extension this checkout built speaks this module's interface
+        assert onednn.interface_mismatch(onednn._library()) is None

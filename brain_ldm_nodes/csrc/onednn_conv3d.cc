@@ -318,6 +318,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
                                   .Attr<bool>("channels_last")
                                   .Attr<ffi::Span<const int64_t>>("packed_for"));
 
+// The version of this file's interface (handler attributes, exported functions). The Python side
+// (models/onednn.py, INTERFACE_VERSION) refuses an extension built from another version, e.g. a
+// stale build left in a source checkout, and runs on XLA instead. Bump both on any change.
+extern "C" int brain_ldm_onednn_interface_version() { return 2; }
+
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
 

@@ -25,6 +25,7 @@ import logging
 import os
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import equinox as eqx
 import jax
@@ -38,6 +39,9 @@ log = logging.getLogger("brain_ldm_nodes")
 TARGET = "brain_ldm_onednn_conv3d"
 #: Set to ``0`` / ``off`` to never load the extension (the pure-XLA path everywhere).
 DISABLE_VARIABLE = "BRAIN_LDM_NODES_ONEDNN"
+#: ``brain_ldm_onednn_interface_version()`` of the handler this module speaks to; an extension
+#: built from another version of ``csrc/onednn_conv3d.cc`` is not used.
+INTERFACE_VERSION = 2
 
 
 def _extension_path() -> Path | None:
@@ -73,11 +77,16 @@ def _library() -> ctypes.CDLL | None:
     try:
         _preload_libdnnl()
         library = ctypes.CDLL(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BrainLdmOnednnConv3d), platform="cpu")
-    except (OSError, AttributeError, metadata.PackageNotFoundError) as error:
+    except (OSError, metadata.PackageNotFoundError) as error:
         log.warning("brain-ldm-nodes: the oneDNN extension failed to load (%s); convolutions run on XLA",
                     error)
         return None
+    stale = interface_mismatch(library)
+    if stale is not None:
+        log.warning("brain-ldm-nodes: the oneDNN extension %s was %s; convolutions run on XLA "
+                    "(rebuild it: pip install -e .)", path.name, stale)
+        return None
+    jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BrainLdmOnednnConv3d), platform="cpu")
     library.brain_ldm_onednn_max_threads.restype = ctypes.c_int
     library.brain_ldm_onednn_cached_plans.restype = ctypes.c_int64
     library.brain_ldm_onednn_packed_floats.restype = ctypes.c_int64
@@ -85,6 +94,18 @@ def _library() -> ctypes.CDLL | None:
     library.brain_ldm_onednn_pack.restype = ctypes.c_int
     library.brain_ldm_onednn_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     return library
+
+
+def interface_mismatch(library: Any) -> str | None:
+    """Why ``library`` (a loaded extension) is not the one this module speaks to, or None."""
+    version_of = getattr(library, "brain_ldm_onednn_interface_version", None)
+    if version_of is None:
+        return f"built from an older source (no interface version; {INTERFACE_VERSION} expected)"
+    version_of.restype = ctypes.c_int
+    version = int(version_of())
+    if version != INTERFACE_VERSION:
+        return f"built from another source (interface {version}; {INTERFACE_VERSION} expected)"
+    return None
 
 
 def available() -> bool:
