@@ -252,7 +252,7 @@ CONVOLUTION_CASES = [
     (2, 1, ((1, 1),) * 3, (5, 6, 3)),  # the sub-pixel upsampling kernels
     (3, 1, ((0, 0), (1, 1), (1, 1)), (6, 5, 4)),  # a slab with its halo (streaming decode)
     (1, 1, ((0, 0),) * 3, (4, 5, 6)),  # 1×1×1 shortcuts and projections
-    (3, 1, ((1, 1),) * 3, (18, 16, 16)),  # ≥ ONEDNN_BLOCKED_MIN_VOXELS: oneDNN's blocked layout
+    (3, 1, ((1, 1),) * 3, (18, 16, 16)),  # a larger volume
 ]
 
 
@@ -326,6 +326,31 @@ def test_onednn_convolution_equals_xla_under_jit_and_vmap(kernel, stride, paddin
     shared_x = jax.jit(jax.vmap(lambda b: onednn.conv3d(x, weight, b, stride=stride, padding=padding)))
     assert relative_error(shared_x(biases)[1], layers.conv3d(
         x, weight, -bias, stride=stride, padding=padding, numerics=layers.Numerics("xla"))) <= 4e-6
+
+
+@pytest.mark.parametrize(("channels_in", "channels_out", "kernel"),
+                         [(32, 32, 3), (24, 40, 3), (40, 24, 2), (3, 32, 3), (32, 1, 3)])
+def test_onednn_blocked_layout_is_the_cpu_native_one_and_exact(channels_in, channels_out, kernel):
+    """oneDNN computes in the CPU's native channel blocks (nCdhw16c on AVX-512, nCdhw8c on
+    AVX2) with a direct JIT kernel, whatever the channel count (padded blocks: 24, 40); a 1-3
+    channel side is left to oneDNN. Equal to XLA's convolution to ≤ 4e-6 relative."""
+    from brain_ldm_nodes.models import layers, onednn
+
+    assert onednn.available()
+    padding = ((1, 1),) * 3
+    x = jax.random.normal(jax.random.key(2), (channels_in, 9, 7, 6))
+    weight = jax.random.normal(jax.random.key(0), (channels_out, channels_in) + (kernel,) * 3)
+    bias = jax.random.normal(jax.random.key(1), (channels_out,))
+    implementation, src_layout, dst_layout = onednn.describe(
+        channels_in, x.shape[1:], weight.shape, stride=1, padding=padding, blocked=True).split()
+    assert implementation.startswith(("jit:", "brg")), implementation
+    native = {"nCdhw16c", "nCdhw8c"}
+    if channels_out >= 16:
+        assert dst_layout in native and implementation.startswith("jit:")
+        assert (src_layout in native) == (channels_in >= 16)
+    out = jax.jit(lambda x: layers.conv3d(x, weight, bias, padding=padding))(x)
+    reference = layers.conv3d(x, weight, bias, padding=padding, numerics=layers.Numerics("xla"))
+    assert relative_error(out, reference) <= 4e-6
 
 
 def test_onednn_rejects_a_batched_kernel():

@@ -61,6 +61,7 @@ struct Plan {
   dnnl::memory::desc src_user, dst_user, weights_user, src_md, dst_md, weights_md, bias_md;
   bool reorder_src = false, reorder_dst = false;
   dnnl::reorder src_reorder, dst_reorder, weights_reorder;
+  std::string implementation;  // oneDNN's name of the convolution's implementation
 };
 
 // A grow-only 64-byte-aligned scratch buffer.
@@ -132,18 +133,41 @@ std::unique_ptr<Plan> make_plan(const Problem& p) {
   plan->dst_user = dnnl::memory::desc(dst_dims, dt::f32, user);
   plan->weights_user = dnnl::memory::desc(weights_dims, dt::f32, tag::oidhw);
   plan->bias_md = dnnl::memory::desc({p.o}, dt::f32, tag::x);
-  const auto src_any = p.blocked ? dnnl::memory::desc(src_dims, dt::f32, tag::any)
-                                 : dnnl::memory::desc(src_dims, dt::f32, tag::ndhwc);
-  const auto dst_any = p.blocked ? dnnl::memory::desc(dst_dims, dt::f32, tag::any)
-                                 : dnnl::memory::desc(dst_dims, dt::f32, tag::ndhwc);
   const auto weights_any = dnnl::memory::desc(weights_dims, dt::f32, tag::any);
   const dnnl::memory::dims strides{p.stride, p.stride, p.stride};
   const dnnl::memory::dims pad_lo{p.pads[0], p.pads[2], p.pads[4]};
   const dnnl::memory::dims pad_hi{p.pads[1], p.pads[3], p.pads[5]};
-  auto pd = dnnl::convolution_forward::primitive_desc(
-      engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct, src_any,
-      weights_any, plan->bias_md, dst_any, strides, pad_lo, pad_hi);
+  auto describe = [&](tag src_tag, tag dst_tag) {
+    return dnnl::convolution_forward::primitive_desc(
+        engine(), dnnl::prop_kind::forward_inference, dnnl::algorithm::convolution_direct,
+        dnnl::memory::desc(src_dims, dt::f32, src_tag), weights_any, plan->bias_md,
+        dnnl::memory::desc(dst_dims, dt::f32, dst_tag), strides, pad_lo, pad_hi);
+  };
+  // Blocked: the CPU's native channel blocks (nCdhw16c on AVX-512, nCdhw8c on AVX2), the first
+  // one oneDNN has a direct JIT implementation for (not "ref", not "gemm"); an input with fewer channels
+  // than a block (the networks' 1-, 3- and 7-channel inputs) is left to oneDNN, and so is a
+  // convolution with fewer outputs (64 -> 1: blocked, it computes 15 padding channels). Not tag::any for
+  // both: measured on AVX-512 (oneDNN 3.2), that picks its channels-last brgconv, 2x slower on
+  // the sub-pixel (2x2x2, 1024-output) convolutions and 1.3x on 768->256 ones.
+  dnnl::convolution_forward::primitive_desc pd;
+  bool found = false;
+  if (p.blocked && p.o >= 16) {
+    for (const tag block : {tag::nCdhw16c, tag::nCdhw8c}) {
+      try {
+        pd = describe(p.i >= 16 ? block : tag::any, block);
+      } catch (const dnnl::error&) {
+        continue;
+      }
+      const std::string implementation = pd.impl_info_str();
+      if (implementation.rfind("jit:", 0) == 0 || implementation.rfind("brg", 0) == 0) {
+        found = true;
+        break;
+      }
+    }
+  }
+  if (!found) pd = p.blocked ? describe(tag::any, tag::any) : describe(tag::ndhwc, tag::ndhwc);
   plan->conv = dnnl::convolution_forward(pd);
+  plan->implementation = pd.impl_info_str();
   plan->src_md = pd.src_desc();
   plan->dst_md = pd.dst_desc();
   plan->weights_md = pd.weights_desc();
@@ -321,7 +345,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
 // The version of this file's interface (handler attributes, exported functions). The Python side
 // (models/onednn.py, INTERFACE_VERSION) refuses an extension built from another version, e.g. a
 // stale build left in a source checkout, and runs on XLA instead. Bump both on any change.
-extern "C" int brain_ldm_onednn_interface_version() { return 2; }
+extern "C" int brain_ldm_onednn_interface_version() { return 3; }
 
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
@@ -366,6 +390,33 @@ extern "C" int brain_ldm_onednn_pack(const int64_t* problem, const float* from, 
     dnnl::stream stream(engine());
     dnnl::reorder(in, out).execute(stream, in, out);
     stream.wait();
+    return 0;
+  } catch (const dnnl::error&) {
+    return -1;
+  }
+}
+
+// The activation layout a problem's convolution reads and writes, as oneDNN names it.
+std::string layout_name(const dnnl::memory::desc& md) {
+  const auto dims = md.get_dims();
+  for (const auto& [format, name] : {std::pair{tag::nCdhw16c, "nCdhw16c"}, std::pair{tag::nCdhw8c, "nCdhw8c"},
+                                     std::pair{tag::ndhwc, "ndhwc"}, std::pair{tag::ncdhw, "ncdhw"}}) {
+    if (md == dnnl::memory::desc(dims, dt::f32, format)) return name;
+  }
+  return "other";
+}
+
+// "<implementation> <src layout> <dst layout>" of the convolution of `problem` (16 values, see
+// problem_from), written NUL-terminated into `text` (at most `size` bytes). 0 on success.
+extern "C" int brain_ldm_onednn_describe(const int64_t* problem, char* text, int64_t size) {
+  std::lock_guard<std::mutex> lock(call_mutex());
+  try {
+    const Plan& plan = plan_for(problem_from(problem));
+    const std::string description =
+        plan.implementation + " " + layout_name(plan.src_md) + " " + layout_name(plan.dst_md);
+    if (size <= 0) return -1;
+    std::strncpy(text, description.c_str(), static_cast<size_t>(size) - 1);
+    text[size - 1] = '\0';
     return 0;
   } catch (const dnnl::error&) {
     return -1;

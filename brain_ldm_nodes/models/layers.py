@@ -130,9 +130,10 @@ class Conv3d(eqx.Module):
 # On CPU, with the extension built, oneDNN's direct convolution (an XLA FFI custom call, bias
 # fused: models/onednn.py) is the fastest on every 3×3×3 and 2×2×2 shape the networks use
 # (bench/conv_layouts.py: ≈ 1.5–3× XLA's best form, on par with PyTorch, which calls the same
-# library). Its activations are reordered inside the call into oneDNN's blocked layout
-# (nCdhw16c) for large volumes and into channels-last for small ones (≤ ONEDNN_BLOCKED_MIN_VOXELS),
-# where that was faster. 1×1×1 convolutions stay matrix products in XLA.
+# library). Its activations are reordered inside the call into the CPU's native blocked layout
+# (nCdhw16c on AVX-512, nCdhw8c on AVX2), at every size: measured on AVX-512 that is as fast as
+# or faster than channels-last everywhere, 2× on the sub-pixel convolutions. 1×1×1
+# convolutions stay matrix products in XLA.
 # Without oneDNN (or off CPU): XLA:CPU's generic 3-D convolution reaches only ≈ 40–110 GFLOP/s
 # here while its 2-D convolutions (channels-last) and matrix products reach ≈ 150–250 GFLOP/s.
 # So a k×k×k convolution is written as k 2-D convolutions over the depth planes (batch = depth,
@@ -141,9 +142,6 @@ class Conv3d(eqx.Module):
 # which reads the kernel in its stored layout, is fastest. Every implementation is exact
 # algebra; they differ by float32 summation order.
 
-#: Smallest output volume (voxels per example) that oneDNN computes in its blocked layout; smaller
-#: ones use channels-last (measured: 10×14×10 and below faster channels-last, 20×28×20 blocked).
-ONEDNN_BLOCKED_MIN_VOXELS = 4096
 #: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
 #: ``"auto"`` also uses the matrix product for kernels with ≥ 1024 output channels (the sub-pixel
@@ -181,9 +179,7 @@ def conv3d(
     pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
     if name in ("auto", "onednn"):
         if not pointwise and numerics.operand_dtype == "float32" and onednn.available():
-            out_voxels = math.prod((size + lo + hi - k) // stride + 1
-                                   for size, (lo, hi), k in zip(x.shape[1:], padding, kernel))
-            blocked = out_voxels >= ONEDNN_BLOCKED_MIN_VOXELS
+            blocked = True
             recorder = _PACKING.get()
             if recorder is not None and not isinstance(weight, onednn.PackedKernel):
                 recorder.setdefault(id(weight), (weight, tuple(x.shape[1:]), stride, padding, blocked))

@@ -41,7 +41,7 @@ TARGET = "brain_ldm_onednn_conv3d"
 DISABLE_VARIABLE = "BRAIN_LDM_NODES_ONEDNN"
 #: ``brain_ldm_onednn_interface_version()`` of the handler this module speaks to; an extension
 #: built from another version of ``csrc/onednn_conv3d.cc`` is not used.
-INTERFACE_VERSION = 2
+INTERFACE_VERSION = 3
 
 
 def _extension_path() -> Path | None:
@@ -93,6 +93,8 @@ def _library() -> ctypes.CDLL | None:
     library.brain_ldm_onednn_packed_floats.argtypes = [ctypes.c_void_p]
     library.brain_ldm_onednn_pack.restype = ctypes.c_int
     library.brain_ldm_onednn_pack.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    library.brain_ldm_onednn_describe.restype = ctypes.c_int
+    library.brain_ldm_onednn_describe.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_int64]
     return library
 
 
@@ -160,6 +162,21 @@ def _problem(channels_in: int, spatial: tuple[int, ...], kernel_shape: tuple[int
     channels_out, _, *kernel = kernel_shape
     return (channels_in, *spatial, channels_out, *kernel, stride, *(p for pair in padding for p in pair),
             int(blocked))
+
+
+def describe(channels_in: int, spatial: tuple[int, int, int], kernel_shape: tuple[int, ...], *, stride: int,
+             padding: Padding, blocked: bool) -> str:
+    """``"<implementation> <input layout> <output layout>"`` oneDNN uses for the convolution of a
+    ``(channels_in, *spatial)`` volume with an ``(O, I, kD, kH, kW)`` kernel, e.g.
+    ``"jit:avx512_core nCdhw16c nCdhw16c"`` (benchmarks, tests)."""
+    library = _library()
+    if library is None:
+        raise RuntimeError("the oneDNN extension is not available")
+    code = np.asarray(_problem(channels_in, tuple(spatial), tuple(kernel_shape), stride, padding, blocked), np.int64)
+    text = ctypes.create_string_buffer(256)
+    if library.brain_ldm_onednn_describe(code.ctypes.data, text, len(text)):
+        raise RuntimeError(f"oneDNN has no convolution for problem {tuple(code)}")
+    return text.value.decode()
 
 
 class PackedKernel(eqx.Module):
