@@ -47,7 +47,7 @@ def main() -> None:
     from brain_ldm_nodes.models import layers
     from brain_ldm_nodes.pipeline import BrainLDM, _model_input
 
-    packed = BrainLDM.from_pretrained(args.bundle).unet
+    packed = BrainLDM.from_pretrained(args.bundle).prepare_unet()
     z = jnp.asarray(np.random.default_rng(0).standard_normal((1, 3, 20, 28, 20), dtype=np.float32))
     cond = jnp.asarray(np.array([[1.0, 0.7, 0.7, 0.5]], np.float32))
 

@@ -84,7 +84,7 @@ def main() -> None:
                                                                        c[None]))(z, c))
         zt, ct = torch.from_numpy(z), torch.from_numpy(cond)
         x = torch.cat([zt, ct[:, :, None, None, None].expand(-1, -1, *zt.shape[2:])], dim=1)
-        results["figures"]["unet"] = pairs(lambda: step(model.unet, zj, cj).block_until_ready(),
+        results["figures"]["unet"] = pairs(lambda: step(model.prepare_unet(), zj, cj).block_until_ready(),
                                            lambda: unet(x, torch.tensor([500]), context=ct[:, None, :]),
                                            lambda a, b: relative_error(a, b.numpy()))
         del unet

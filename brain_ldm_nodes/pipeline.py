@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,9 @@ from .scheduler import DDIMSchedulerConfig, DDIMTables, ddim_inverse_step, ddim_
 from .scheduler_names import SCHEDULERS, check_scheduler  # "ddim" and the solvers' names
 from .seeding import PRNG_IMPL  # how a seed maps to noise (also named in the sidecars)
 from .solvers import SOLVERS, Solver, initial_state, table_row
+
+# Serialises BrainLDM.prepare_unet (packing a U-Net twice at once would free its kernels twice).
+_PACKING_LOCK = threading.Lock()
 
 #: Values of the ``precision`` argument of the sampling methods (float32 is the reference).
 PRECISIONS = ("float32", "bfloat16")
@@ -212,6 +216,8 @@ class BrainLDM:
     source: dict[str, Any] = dataclasses.field(default_factory=dict)
     #: The image grid ``(D, H, W)`` the model was trained on; the default for sampling.
     image_shape: tuple[int, int, int] = IMAGE_SHAPE
+    # Set by from_pretrained: pack the U-Net's kernels for oneDNN on its first use (prepare_unet).
+    _pack_unet_on_first_use: bool = dataclasses.field(default=False, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.image_shape = tuple(int(size) for size in self.image_shape)
@@ -281,11 +287,29 @@ class BrainLDM:
                                       local_files_only=local_files_only, token=token)
         unet = bundle.load_bundle_weights(found.folder, found.config, verify=verify)
         vae = bundle.load_bundle_weights(found.vae_folder, found.vae_config, verify=verify)
-        image_shape = tuple(found.config.image_shape)
-        latent_spatial = tuple(size // vae.config.downsampling_factor for size in image_shape)
-        # oneDNN's kernel layout once here, not on every step (a no-op without oneDNN)
-        unet = pack_unet_kernels(unet, latent_spatial, consume=True)
-        return cls(vae, unet, found.config.scheduler, found.source(), image_shape)
+        model = cls(vae, unet, found.config.scheduler, found.source(), tuple(found.config.image_shape))
+        # oneDNN's kernel layout once, at the first sampling call: not paid by encode/decode-only use
+        model._pack_unet_on_first_use = True
+        return model
+
+    def prepare_unet(self) -> DiffusionModelUNet:
+        """The U-Net as sampling runs it; every method that runs the U-Net calls this first.
+
+        For a model from :meth:`from_pretrained` on CPU with the oneDNN extension, the first call
+        packs the U-Net's convolution kernels into oneDNN's layout
+        (:func:`~brain_ldm_nodes.models.unet.pack_unet_kernels`: ≈ 3 s for the released model;
+        no second copy: each plain kernel is freed once packed, so a reference to :attr:`unet`
+        taken before that call must not be used after it) and :attr:`unet` becomes the packed
+        network. Nodes that only encode or decode never pay for it. Other models are returned as
+        they are. Call it yourself to pay the packing before timing or serving. Thread-safe.
+        """
+        if self._pack_unet_on_first_use:
+            with _PACKING_LOCK:
+                if self._pack_unet_on_first_use:
+                    latent_spatial = self.latent_shape()[1:]
+                    self.unet = pack_unet_kernels(self.unet, latent_spatial, consume=True)
+                    self._pack_unet_on_first_use = False
+        return self.unet
 
     def save_pretrained(
         self,
@@ -435,17 +459,18 @@ class BrainLDM:
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
         check_scheduler(scheduler)
+        unet = self.prepare_unet()
         if scheduler == "ddim":
             tables = ddim_tables(self.scheduler, num_inference_steps)
 
             def run(cond: Array, noise: Array) -> Array:
-                return _ddim_loop(self.unet, tables, cond, noise, progress=progress, precision=precision)
+                return _ddim_loop(unet, tables, cond, noise, progress=progress, precision=precision)
         else:
             solver = SOLVERS[scheduler]
             tables = solver.tables(self.scheduler, num_inference_steps)
 
             def run(cond: Array, noise: Array) -> Array:
-                return _solver_loop(self.unet, solver, tables, cond, noise, progress=progress,
+                return _solver_loop(unet, solver, tables, cond, noise, progress=progress,
                                     precision=precision)
 
         return jnp.concatenate([
@@ -467,8 +492,9 @@ class BrainLDM:
         cond = self._check_conditioning(conditioning)
         latents = self._check_latents(latents, cond.shape[0])
         tables = ddim_tables(self.scheduler, num_inference_steps)
+        unet = self.prepare_unet()
         return jnp.concatenate([
-            _ddim_loop(self.unet, tables, cond[i:i + 1], latents[i:i + 1], True)
+            _ddim_loop(unet, tables, cond[i:i + 1], latents[i:i + 1], True)
             for i in range(cond.shape[0])
         ])
 

@@ -18,7 +18,6 @@ import torch
 
 from brain_ldm_nodes import AutoencoderKLConfig, BrainLDM, DiffusionModelUNetConfig
 from brain_ldm_nodes.cli import convert as convert_cli
-from brain_ldm_nodes.models.layers import unpack_kernels
 from brain_ldm_nodes.weights import convert as convert_module
 from brain_ldm_nodes.weights.bundle import BundleError
 
@@ -124,11 +123,43 @@ def test_save_pretrained_round_trips_bitwise(tmp_path):
     model.save_pretrained(tmp_path / "mine")
     assert (tmp_path / "brain_ldm.vae" / "config.json").is_file()
     loaded = BrainLDM.from_pretrained(tmp_path / "mine")
-    # from_pretrained packs the U-Net's oneDNN kernels (models.layers.pack_kernels): compare plain ones
-    for ours, theirs in ((model.vae, loaded.vae), (model.unet, unpack_kernels(loaded.unet))):
+    for ours, theirs in ((model.vae, loaded.vae), (model.unet, loaded.unet)):
         for a, b in zip(jax.tree_util.tree_leaves(ours), jax.tree_util.tree_leaves(theirs)):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert loaded.vae.config == TINY_VAE and loaded.unet.config == TINY_UNET
+
+
+def _packed_kernels(unet) -> int:
+    from brain_ldm_nodes.models import onednn
+
+    is_packed = lambda node: isinstance(node, onednn.PackedKernel)  # noqa: E731
+    return sum(map(is_packed, jax.tree_util.tree_leaves(unet, is_leaf=is_packed)))
+
+
+def test_from_pretrained_packs_the_unet_kernels_at_first_sampling_only(tmp_path):
+    """The U-Net's kernels are packed for oneDNN when sampling first needs them (not at load,
+    not for encode/decode), once; sampling gives bitwise the same latents as the plain network,
+    and saving a packed model writes the same plain kernels."""
+    from brain_ldm_nodes.models import onednn
+
+    model = BrainLDM.random(key=jax.random.key(3), vae_config=TINY_VAE, unet_config=TINY_UNET,
+                            image_shape=(16, 16, 16))
+    model.save_pretrained(tmp_path / "mine")
+    loaded = BrainLDM.from_pretrained(tmp_path / "mine")
+    assert _packed_kernels(loaded.unet) == 0  # load: nothing packed
+    images = np.asarray(loaded.decode(loaded.encode(np.zeros((1, 1, 16, 16, 16), np.float32))[0]))
+    assert np.isfinite(images).all() and _packed_kernels(loaded.unet) == 0  # autoencoder only
+    cond = np.array([[0.0, 0.5, 0.4, 0.6]], np.float32)
+    latents = loaded.sample_latents(cond, seeds=[7], num_inference_steps=2)
+    packed = _packed_kernels(loaded.unet)
+    assert (packed > 0) == onednn.available()
+    assert loaded.prepare_unet() is loaded.unet and _packed_kernels(loaded.unet) == packed  # once
+    np.testing.assert_array_equal(np.asarray(latents), np.asarray(model.sample_latents(cond, seeds=[7],
+                                                                                        num_inference_steps=2)))
+    loaded.save_pretrained(tmp_path / "again")
+    again = BrainLDM.from_pretrained(tmp_path / "again")
+    for a, b in zip(jax.tree_util.tree_leaves(model.unet), jax.tree_util.tree_leaves(again.unet)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_hub_cache_offline_resolves_model_and_base_by_repo_id(upstream, tmp_path):
