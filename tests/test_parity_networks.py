@@ -135,6 +135,31 @@ def test_unet_matches_monai_full_config(full_unets):
         assert error <= TOLERANCE
 
 
+@pytest.mark.slow
+def test_unet_matches_monai_full_config_at_the_model_latent_size(full_unets):
+    """The released latent size, 20×28×20: the size at which ``"auto"`` computes the U-Net's
+    256–1280-channel convolutions of the two upper levels by Winograd F(2,3) on oneDNN."""
+    from brain_ldm_nodes.models import onednn
+
+    ours, reference = full_unets
+    rng = np.random.default_rng(5)
+    latents = rng.standard_normal((1, 3, 20, 28, 20), dtype=np.float32)
+    conditioning = rng.random((1, 4), dtype=np.float32)
+    x = np.concatenate(
+        [latents, np.broadcast_to(conditioning[:, :, None, None, None], (1, 4, 20, 28, 20))], axis=1
+    )
+    context = conditioning[:, None, :]
+    forward = eqx.filter_jit(lambda unet, *args: jax.vmap(unet)(*args))
+    args = (jnp.asarray(x), jnp.asarray([500]), jnp.asarray(context))
+    if onednn.available():
+        assert onednn.WINOGRAD_TARGET in forward.lower(ours, *args).as_text()
+    eps = forward(ours, *args)
+    ref_eps = reference(torch.from_numpy(x), torch.tensor([500]), context=torch.from_numpy(context)).numpy()
+    error = relative_error(eps, ref_eps)
+    print(f"U-Net full config, 20×28×20: max relative error {error:.2e}")
+    assert error <= TOLERANCE
+
+
 def test_unet_matches_monai_with_multi_token_context_and_conv_resampling():
     """Configurations the Brain LDM does not use still match: several context tokens (real
     softmax in cross-attention), several heads, conv down/upsampling, 2 transformer layers."""
@@ -351,6 +376,62 @@ def test_onednn_blocked_layout_is_the_cpu_native_one_and_exact(channels_in, chan
     out = jax.jit(lambda x: layers.conv3d(x, weight, bias, padding=padding))(x)
     reference = layers.conv3d(x, weight, bias, padding=padding, numerics=layers.Numerics("xla"))
     assert relative_error(out, reference) <= 4e-6
+
+
+WINOGRAD_CASES = [
+    (16, 8, ((1, 1),) * 3, (5, 7, 3)),  # odd sizes: partial edge tiles
+    (20, 33, ((0, 0), (1, 1), (1, 1)), (6, 5, 4)),  # a slab with its halo; channels not in blocks of 16
+    (3, 17, ((1, 0), (0, 1), (1, 1)), (4, 4, 5)),  # one-sided padding
+    (40, 24, ((1, 1),) * 3, (2, 2, 2)),  # one tile
+]
+
+
+@pytest.mark.parametrize(("channels_in", "channels_out", "padding", "shape"), WINOGRAD_CASES)
+def test_onednn_winograd_convolution_equals_xla_under_jit_and_vmap(channels_in, channels_out, padding, shape):
+    """The extension's Winograd F(2×2×2, 3×3×3) equals ``lax.conv_general_dilated`` to ≤ 4e-6
+    relative (measured ≤ 1.5e-6 on the U-Net's shapes), batched through ``jax.vmap`` with one
+    bias per example and with a shared input; a wrong transform gives errors of order 1."""
+    from brain_ldm_nodes.models import layers, onednn
+
+    assert onednn.available()
+    x = jax.random.normal(jax.random.key(0), (channels_in, *shape))
+    weight = jax.random.normal(jax.random.key(1), (channels_out, channels_in, 3, 3, 3))
+    bias = jax.random.normal(jax.random.key(2), (channels_out,))
+
+    def reference(x, bias):
+        return layers.conv3d(x, weight, bias, padding=padding, numerics=layers.Numerics("xla"))
+
+    winograd = jax.jit(lambda x, bias: onednn.winograd_conv3d(x, weight, bias, padding=padding))
+    assert relative_error(winograd(x, bias), reference(x, bias)) <= 4e-6
+    batch, biases = jnp.stack([x, -0.5 * x]), jnp.stack([bias, 2 * bias])
+    assert relative_error(jax.jit(jax.vmap(winograd))(batch, biases),
+                          jnp.stack([reference(batch[0], bias), reference(batch[1], 2 * bias)])) <= 4e-6
+    shared = jax.jit(jax.vmap(lambda b: onednn.winograd_conv3d(x, weight, b, padding=padding)))(biases)
+    assert relative_error(shared[1], reference(x, 2 * bias)) <= 4e-6
+
+
+def test_auto_uses_winograd_only_where_it_was_measured_faster():
+    """``"auto"`` sends a 3×3×3 stride-1 convolution with ≥ 256 channels on ≥ 1024 output voxels
+    to the Winograd custom call (the U-Net's upper levels) and everything else to oneDNN's direct
+    convolution; the result equals XLA's."""
+    from brain_ldm_nodes.models import layers, onednn
+
+    assert onednn.available()
+    x = jax.random.normal(jax.random.key(0), (256, 12, 12, 8))  # 1152 voxels
+    weight = jax.random.normal(jax.random.key(1), (256, 256, 3, 3, 3)) / (256 * 27) ** 0.5
+    bias = jax.random.normal(jax.random.key(2), (256,))
+
+    def targets(x, weight, **kwargs):
+        hlo = jax.jit(lambda x: layers.conv3d(x, weight, bias[:weight.shape[0]], **kwargs)).lower(x).as_text()
+        return f"@{onednn.WINOGRAD_TARGET}(" in hlo, f"@{onednn.TARGET}(" in hlo
+
+    assert targets(x, weight) == (True, False)
+    assert targets(x[:, :8, :8, :8], weight) == (False, True)  # 512 voxels
+    assert targets(x, weight[:128]) == (False, True)  # 128 output channels
+    assert targets(x, weight, stride=2) == (False, True)
+    assert targets(x, weight, numerics=layers.Numerics("onednn")) == (False, True)
+    out = jax.jit(lambda x: layers.conv3d(x, weight, bias))(x)
+    assert relative_error(out, layers.conv3d(x, weight, bias, numerics=layers.Numerics("xla"))) <= 4e-6
 
 
 def test_onednn_rejects_a_batched_kernel():

@@ -45,10 +45,12 @@ class Numerics:
     """How convolutions and linear layers compute: static configuration of :class:`Conv3d` and
     :class:`Linear` (part of a network's tree structure, so compiled functions are keyed on it).
 
-    ``implementation``: one of :data:`CONV_IMPLEMENTATIONS`. ``"auto"`` (default): oneDNN on CPU
-    when the extension is loaded (:mod:`~brain_ldm_nodes.models.onednn`), else the fastest XLA
-    form per shape; ``"xla"``: one ``lax.conv_general_dilated`` (the reference); ``"onednn"``:
-    oneDNN wherever it can, ``"planes"``, ``"matmul"``, ``"winograd"``: the XLA forms below.
+    ``implementation``: one of :data:`CONV_IMPLEMENTATIONS`. ``"auto"`` (default): on CPU with
+    the extension loaded (:mod:`~brain_ldm_nodes.models.onednn`), oneDNN's direct convolution,
+    or the extension's Winograd F(2,3) where that was measured faster (:data:`WINOGRAD_MIN_CHANNELS`);
+    else the fastest XLA form per shape; ``"xla"``: one ``lax.conv_general_dilated`` (the
+    reference); ``"onednn"``: oneDNN's direct convolution wherever it can, ``"planes"``,
+    ``"matmul"``, ``"winograd"``: the XLA forms below.
     ``operand_dtype``: ``"float32"`` (default) or ``"bfloat16"`` (operands cast, products
     accumulated in float32; XLA only). Change it on a whole network with :func:`with_numerics`.
     """
@@ -142,6 +144,15 @@ class Conv3d(eqx.Module):
 # which reads the kernel in its stored layout, is fastest. Every implementation is exact
 # algebra; they differ by float32 summation order.
 
+#: ``"auto"`` on oneDNN computes a 3×3×3, stride-1 convolution by Winograd F(2×2×2, 3×3×3)
+#: (:func:`~brain_ldm_nodes.models.onednn.winograd_conv3d`) when both channel counts are at least
+#: this and the output has at least :data:`WINOGRAD_MIN_VOXELS` voxels: measured on AVX-512
+#: (``bench/conv_layouts.py``), 0.48–0.58× oneDNN's direct time on the U-Net's 20×28×20 level
+#: (256–768 channels), 0.71–0.73× at 10×14×10 (512–1280), slower at 5×7×5 (the 64 GEMMs are too
+#: small to pay for transforming the kernel on every call) and on the decoder's 64–128-channel
+#: volumes (its transforms are memory-bound).
+WINOGRAD_MIN_CHANNELS = 256
+WINOGRAD_MIN_VOXELS = 1024
 #: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
 #: ``"auto"`` also uses the matrix product for kernels with ≥ 1024 output channels (the sub-pixel
@@ -179,6 +190,9 @@ def conv3d(
     pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
     if name in ("auto", "onednn"):
         if not pointwise and numerics.operand_dtype == "float32" and onednn.available():
+            if name == "auto" and _winograd_wins(weight, x.shape[1:], stride, padding):
+                plain = onednn.unpack(weight) if isinstance(weight, onednn.PackedKernel) else weight
+                return onednn.winograd_conv3d(x, plain, bias, padding=padding)
             blocked = True
             recorder = _PACKING.get()
             if recorder is not None and not isinstance(weight, onednn.PackedKernel):
@@ -204,6 +218,15 @@ def conv3d(
                                   if bias is None else bias)
     out = {"xla": _conv_xla, "planes": _conv_planes, "matmul": _conv_matmul}[name](x_in, weight_in, stride, padding)
     return out if bias is None else out + bias[:, None, None, None]
+
+
+def _winograd_wins(weight: Array, spatial: tuple[int, ...], stride: int, padding: Padding) -> bool:
+    """Whether ``"auto"`` evaluates this convolution by Winograd F(2,3) on oneDNN (see
+    :data:`WINOGRAD_MIN_CHANNELS`)."""
+    out_voxels = math.prod(size + lo + hi - 2 for size, (lo, hi) in zip(spatial, padding))
+    return (tuple(weight.shape[2:]) == (3, 3, 3) and stride == 1
+            and all(p in (0, 1) for pair in padding for p in pair)
+            and min(weight.shape[:2]) >= WINOGRAD_MIN_CHANNELS and out_voxels >= WINOGRAD_MIN_VOXELS)
 
 
 # While pack_kernels traces a network: id(kernel) -> (kernel, input size, stride, padding, blocked)

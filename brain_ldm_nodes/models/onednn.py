@@ -37,6 +37,8 @@ log = logging.getLogger("brain_ldm_nodes")
 
 #: Name of the FFI target (the handler ``BrainLdmOnednnConv3d`` in ``csrc/onednn_conv3d.cc``).
 TARGET = "brain_ldm_onednn_conv3d"
+#: Name of the FFI target of the Winograd F(2,3) convolution (``BrainLdmWinogradConv3d``).
+WINOGRAD_TARGET = "brain_ldm_winograd_conv3d"
 #: Set to ``0`` / ``off`` to never load the extension (the pure-XLA path everywhere).
 DISABLE_VARIABLE = "BRAIN_LDM_NODES_ONEDNN"
 #: ``brain_ldm_onednn_interface_version()`` of the handler this module speaks to; an extension
@@ -87,6 +89,7 @@ def _library() -> ctypes.CDLL | None:
                     "(rebuild it: pip install -e .)", path.name, stale)
         return None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BrainLdmOnednnConv3d), platform="cpu")
+    jax.ffi.register_ffi_target(WINOGRAD_TARGET, jax.ffi.pycapsule(library.BrainLdmWinogradConv3d), platform="cpu")
     library.brain_ldm_onednn_max_threads.restype = ctypes.c_int
     library.brain_ldm_onednn_cached_plans.restype = ctypes.c_int64
     library.brain_ldm_onednn_packed_floats.restype = ctypes.c_int64
@@ -285,3 +288,32 @@ def conv3d(
                pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi), blocked=bool(blocked),
                channels_last=False, packed_for=packed_for)
     return out[0]
+
+
+def winograd_conv3d(
+    x: Float[Array, "in d h w"],
+    weight: Float[Array, "out in 3 3 3"],
+    bias: Float[Array, " out"] | None,
+    *,
+    padding: Padding,
+) -> Float[Array, "out d2 h2 w2"]:
+    """3×3×3 convolution, stride 1, zero ``padding`` 0 or 1 per side, by Winograd F(2×2×2, 3×3×3)
+    in the extension: input and output transforms in C++ on channels-last tiles, the 64 products
+    summed over input channels as one batched oneDNN matrix product per chunk of tiles; 3.4×
+    fewer multiplies than the direct convolution. Same arguments and layouts as :func:`conv3d`
+    (a plain kernel only); works under :func:`jax.jit` and :func:`jax.vmap`."""
+    if _library() is None:
+        raise RuntimeError("the oneDNN extension is not available")
+    if tuple(weight.shape[2:]) != (3, 3, 3) or any(p not in (0, 1) for pair in padding for p in pair):
+        raise ValueError(f"winograd_conv3d needs a 3×3×3 kernel and padding 0 or 1, got {weight.shape}, {padding}")
+    channels_out = weight.shape[0]
+    out_shape = _out_shape(x.shape[1:], (3, 3, 3), 1, padding)
+    if bias is None:
+        bias = jnp.zeros((channels_out,), jnp.float32)
+    call = jax.ffi.ffi_call(WINOGRAD_TARGET, jax.ShapeDtypeStruct((1, *out_shape, channels_out), jnp.float32),
+                            vmap_method="expand_dims")
+    (d_lo, d_hi), (h_lo, h_hi), (w_lo, w_hi) = padding
+    channels_last = jnp.transpose(x.astype(jnp.float32), (1, 2, 3, 0))[None]
+    out = call(channels_last, weight.astype(jnp.float32), bias.astype(jnp.float32), pad_d_lo=int(d_lo),
+               pad_d_hi=int(d_hi), pad_h_lo=int(h_lo), pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi))
+    return jnp.transpose(out[0], (3, 0, 1, 2))
