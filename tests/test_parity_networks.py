@@ -383,6 +383,8 @@ WINOGRAD_CASES = [
     (20, 33, ((0, 0), (1, 1), (1, 1)), (6, 5, 4)),  # a slab with its halo; channels not in blocks of 16
     (3, 17, ((1, 0), (0, 1), (1, 1)), (4, 4, 5)),  # one-sided padding
     (40, 24, ((1, 1),) * 3, (2, 2, 2)),  # one tile
+    (128, 128, ((1, 1),) * 3, (12, 12, 8)),  # 144 tiles: chunks of 32 spread over the threads
+    (160, 136, ((1, 1), (0, 0), (1, 1)), (5, 6, 3)),  # > 128 channels: chunks shared by all threads
 ]
 
 
@@ -411,9 +413,9 @@ def test_onednn_winograd_convolution_equals_xla_under_jit_and_vmap(channels_in, 
 
 
 def test_auto_uses_winograd_only_where_it_was_measured_faster():
-    """``"auto"`` sends a 3×3×3 stride-1 convolution with ≥ 256 channels on ≥ 1024 output voxels
-    to the Winograd custom call (the U-Net's upper levels) and everything else to oneDNN's direct
-    convolution; the result equals XLA's."""
+    """``"auto"`` sends a 3×3×3 stride-1 convolution with ≥ 128 channels in and out on ≥ 1024
+    output voxels to the Winograd custom call (the U-Net's upper levels, the autoencoder's
+    128-channel ones) and everything else to oneDNN's direct convolution; the result equals XLA's."""
     from brain_ldm_nodes.models import layers, onednn
 
     assert onednn.available()
@@ -427,7 +429,8 @@ def test_auto_uses_winograd_only_where_it_was_measured_faster():
 
     assert targets(x, weight) == (True, False)
     assert targets(x[:, :8, :8, :8], weight) == (False, True)  # 512 voxels
-    assert targets(x, weight[:128]) == (False, True)  # 128 output channels
+    assert targets(x, weight[:64]) == (False, True)  # 64 output channels
+    assert targets(x[:64], weight[:, :64]) == (False, True)  # 64 input channels
     assert targets(x, weight, stride=2) == (False, True)
     assert targets(x, weight, numerics=layers.Numerics("onednn")) == (False, True)
     out = jax.jit(lambda x: layers.conv3d(x, weight, bias))(x)

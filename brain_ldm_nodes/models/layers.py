@@ -146,12 +146,13 @@ class Conv3d(eqx.Module):
 
 #: ``"auto"`` on oneDNN computes a 3×3×3, stride-1 convolution by Winograd F(2×2×2, 3×3×3)
 #: (:func:`~brain_ldm_nodes.models.onednn.winograd_conv3d`) when both channel counts are at least
-#: this and the output has at least :data:`WINOGRAD_MIN_VOXELS` voxels: measured on AVX-512
-#: (``bench/conv_layouts.py``), 0.48–0.58× oneDNN's direct time on the U-Net's 20×28×20 level
-#: (256–768 channels), 0.71–0.73× at 10×14×10 (512–1280), slower at 5×7×5 (the 64 GEMMs are too
-#: small to pay for transforming the kernel on every call) and on the decoder's 64–128-channel
-#: volumes (its transforms are memory-bound).
-WINOGRAD_MIN_CHANNELS = 256
+#: this and the output has at least :data:`WINOGRAD_MIN_VOXELS` voxels. Measured on AVX-512
+#: (2 cores), time ÷ oneDNN's direct convolution: 0.48–0.58 on the U-Net's 20×28×20 level
+#: (256–768 channels), 0.71–0.73 at 10×14×10 (512–1280), 2.4 at 5×7×5 (products too small to pay
+#: for transforming the kernel on every call: excluded by the voxel count), 0.69–0.74 on the
+#: autoencoder's 128→128 at 1/2 resolution, 0.92–0.96 on 128→64 and 1.1–1.2 on 64→64 (excluded:
+#: the transforms are memory-bound there).
+WINOGRAD_MIN_CHANNELS = 128
 WINOGRAD_MIN_VOXELS = 1024
 #: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
