@@ -412,6 +412,50 @@ def test_onednn_winograd_convolution_equals_xla_under_jit_and_vmap(channels_in, 
     assert relative_error(shared[1], reference(x, 2 * bias)) <= 4e-6
 
 
+UPSAMPLE_CASES = [
+    (16, 8, ((1, 1),) * 3, (5, 7, 3)),  # a whole volume (odd sizes)
+    (20, 33, ((0, 0), (1, 1), (1, 1)), (4, 3, 5)),  # a slab window: rows 1 … 2 of the volume, upsampled
+    (3, 17, ((1, 0), (0, 1), (1, 1)), (4, 4, 5)),  # one-sided padding
+    (128, 128, ((1, 1),) * 3, (8, 6, 5)),  # 240 tiles: chunks spread over the threads
+    (160, 24, ((1, 1),) * 3, (3, 4, 2)),  # > 128 channels: chunks shared by all threads
+]
+
+
+@pytest.mark.parametrize(("channels_in", "channels_out", "padding", "shape"), UPSAMPLE_CASES)
+def test_onednn_upsample_convolution_equals_upsample_then_xla_convolution(channels_in, channels_out, padding,
+                                                                         shape):
+    """The extension's 27-product ``conv3x3x3(upsample_nearest(x))`` equals upsampling then
+    ``lax.conv_general_dilated`` (padding 1 of the upsampled volume; padding 0 on an axis: the
+    rows of ``x`` at either end are only read, as a slab's halo) to ≤ 4e-6 relative, under jit and
+    vmap with one bias per example; ``layers.upsample_conv`` uses it under ``"auto"``."""
+    from brain_ldm_nodes.models import layers, onednn
+
+    assert onednn.available()
+    x = jax.random.normal(jax.random.key(0), (channels_in, *shape))
+    weight = jax.random.normal(jax.random.key(1), (channels_out, channels_in, 3, 3, 3))
+    bias = jax.random.normal(jax.random.key(2), (channels_out,))
+
+    def reference(x, bias):
+        # upsample, convolve with padding 1 of the upsampled volume, then crop the upsampled rows
+        # that come from halo rows (padding 0 on a side: its 2 outer rows)
+        out = layers.conv3d(layers.upsample_nearest(x), weight, bias, numerics=layers.Numerics("xla"))
+        crops = tuple(slice(2 * (1 - lo), out.shape[axis + 1] - 2 * (1 - hi)) for axis, (lo, hi) in enumerate(padding))
+        return out[(slice(None),) + crops]
+
+    upsampled = jax.jit(lambda x, bias: onednn.upsample_conv3d(x, weight, bias, padding=padding))
+    assert upsampled(x, bias).shape == reference(x, bias).shape
+    assert relative_error(upsampled(x, bias), reference(x, bias)) <= 4e-6
+    batch, biases = jnp.stack([x, -0.5 * x]), jnp.stack([bias, 2 * bias])
+    assert relative_error(jax.jit(jax.vmap(upsampled))(batch, biases),
+                          jnp.stack([reference(batch[0], bias), reference(batch[1], 2 * bias)])) <= 4e-6
+    if padding == ((1, 1),) * 3:
+        conv = eqx.tree_at(lambda c: (c.weight, c.bias), layers.Conv3d(channels_in, channels_out, key=jax.random.key(3)),
+                           (weight, bias))
+        hlo = jax.jit(lambda x: layers.upsample_conv(x, conv)).lower(x).as_text()
+        assert f"@{onednn.UPSAMPLE_TARGET}(" in hlo
+        assert relative_error(layers.upsample_conv(x, conv), reference(x, bias)) <= 4e-6
+
+
 def test_auto_uses_winograd_only_where_it_was_measured_faster():
     """``"auto"`` sends a 3×3×3 stride-1 convolution with ≥ 128 channels in and out on ≥ 1024
     output voxels to the Winograd custom call (the U-Net's upper levels, the autoencoder's

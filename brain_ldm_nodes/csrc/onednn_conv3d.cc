@@ -324,121 +324,142 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
 }
 
 
-// ---- Winograd F(2x2x2, 3x3x3) -------------------------------------------------------------------
-// A 3x3x3 convolution, stride 1, zero padding 0 or 1 per side, on channels-last volumes:
-// y = A^T [ (G g G^T) (.) (B^T d B) ] A along each axis (Lavin & Gray 2016), on tiles of 2x2x2
-// outputs (4x4x4 inputs). The 64 element-wise products summed over input channels are 64 matrix
-// products (tiles x I) @ (I x O): one batched oneDNN matmul per chunk of tiles. 64 multiplies per
-// 8 outputs instead of 216 (3.4x fewer); transforms are additions only (and halves, in G).
-// Per call: the kernel is transformed into a scratch buffer (cheap next to the products), then
-// tiles are processed in chunks so that the transformed inputs and products stay a few tens of MB.
-constexpr int kWinogradPoints = 64;  // 4x4x4
-
-struct WinogradProblem {
-  int64_t i, o, d, h, w, pads[6];
-  auto tie() const { return std::tie(i, o, d, h, w, pads[0], pads[1], pads[2], pads[3], pads[4], pads[5]); }
-  bool operator<(const WinogradProblem& other) const { return tie() < other.tie(); }
-  int64_t out_d() const { return d + pads[0] + pads[1] - 2; }
-  int64_t out_h() const { return h + pads[2] + pads[3] - 2; }
-  int64_t out_w() const { return w + pads[4] + pads[5] - 2; }
-  int64_t tiles() const { return ((out_d() + 1) / 2) * ((out_h() + 1) / 2) * ((out_w() + 1) / 2); }
-};
-
-// Tiles per matrix product: the transformed inputs of a chunk take at most about kWinogradChunkBytes.
-// Measured (512->512 at 20x28x20, AVX-512): 2 MB chunks 0.94x the direct convolution's time,
-// 8 MB 0.60x, 64 MB 0.53x, 256 MB 0.48x: with many channels the products take the time, and
-// they run faster on more rows.
-constexpr int64_t kWinogradChunkBytes = 256 << 20;
-
-// Up to 128 channels the transforms, not the products, take the time (memory-bound: 8x the input
-// is written and read back): each thread then takes whole chunks of about kWinogradFusedBytes
-// (transformed inputs + products) through transform, matmul and back-transform while they are
-// in its cache. Measured (128->128 at 20x112x80): 0.76x oneDNN direct with 512 kB, 0.69x with
-// 2 MB, 0.82x with 8 MB; the unfused form 0.85x at its best.
-constexpr int64_t kWinogradFusedBytes = 2 << 20;
-constexpr int64_t kWinogradFusedMaxChannels = 128;
-
-bool winograd_fused(const WinogradProblem& p) { return std::max(p.i, p.o) <= kWinogradFusedMaxChannels; }
-
-int64_t winograd_chunk(const WinogradProblem& p, bool fused) {
-  if (fused) {
-    const int64_t per_tile = kWinogradPoints * (p.i + p.o) * static_cast<int64_t>(sizeof(float));
-    return std::max<int64_t>(8, std::min<int64_t>(p.tiles(), kWinogradFusedBytes / per_tile));
-  }
-  const int64_t per_tile = kWinogradPoints * std::max(p.i, p.o) * static_cast<int64_t>(sizeof(float));
-  return std::max<int64_t>(8, std::min<int64_t>(p.tiles(), kWinogradChunkBytes / per_tile));
-}
-
-// Batched matmul (64, rows, I) @ (64, I, O) -> (64, rows, O), one per distinct (rows, I, O). Its
-// scratchpad is the caller's (scratchpad_mode::user): threads run the same primitive at once.
-struct WinogradMatmul {
-  dnnl::matmul primitive;
-  size_t scratchpad_bytes = 0;
-};
-
-std::map<std::tuple<int64_t, int64_t, int64_t>, WinogradMatmul>& winograd_matmuls() {
-  static std::map<std::tuple<int64_t, int64_t, int64_t>, WinogradMatmul> instance;
-  return instance;
-}
-
-// Caller holds call_mutex() (the map may grow).
-WinogradMatmul& winograd_matmul(int64_t rows, int64_t i, int64_t o) {
-  auto& slot = winograd_matmuls()[{rows, i, o}];
-  if (!slot.primitive) {
-    const dnnl::memory::desc src({kWinogradPoints, rows, i}, dt::f32, tag::abc);
-    const dnnl::memory::desc weights({kWinogradPoints, i, o}, dt::f32, tag::abc);
-    const dnnl::memory::desc dst({kWinogradPoints, rows, o}, dt::f32, tag::abc);
-    dnnl::primitive_attr attributes;
-    attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    const dnnl::matmul::primitive_desc pd(engine(), src, weights, dst, attributes);
-    slot.primitive = dnnl::matmul(pd);
-    slot.scratchpad_bytes = pd.scratchpad_desc().get_size();
-  }
-  return slot;
-}
-
-Scratch scratch_winograd_kernel, scratch_winograd_in, scratch_winograd_products, scratch_winograd_pad;
-
+// ---- Transformed convolutions: Winograd F(2x2x2, 3x3x3) and upsample-then-3x3x3 ------------------
+// Both compute y = A^T [ (G g G^T) (.) (B^T d B) ] A along each axis on tiles of 2x2x2 outputs, on
+// channels-last volumes: an input patch is transformed into P points per channel, the P element-wise
+// products summed over input channels are P matrix products (tiles x I) @ (I x O), and each output
+// tile is a back-transform of its P products. Transforms are additions only (and halves, in G).
+//
+// * Winograd F(2,3) (Lavin & Gray 2016): a 3x3x3 convolution, stride 1, zero padding 0 or 1 per
+//   side. 4x4x4 input patches at stride 2, P = 64: 64 multiplies per 8 outputs instead of 216.
+//   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
+//   A^T = [1 1 1 0; 0 1 -1 -1].
+// * Upsampling: conv3x3x3(nearest_x2(x)), zero padding 1 (of the upsampled volume), without
+//   forming the upsampled volume. Along one axis, outputs 2i and 2i+1 read x[i-1], x[i], x[i+1]:
+//   y(2i) = w0 x[i-1] + (w1+w2) x[i] = w0 (x[i-1]-x[i]) + (w0+w1+w2) x[i] and
+//   y(2i+1) = (w0+w1) x[i] + w2 x[i+1] = (w0+w1+w2) x[i] + w2 (x[i+1]-x[i]): 3 products for 2
+//   outputs. 3x3x3 patches at stride 1, P = 27: 27 multiplies per 8 outputs (the sub-pixel form,
+//   a 2x2x2 convolution with 8x the outputs, needs 64). B^T = [1 -1 0; 0 1 0; 0 -1 1],
+//   G = [1 0 0; 1 1 1; 0 0 1], A^T = [1 1 0; 0 1 1]. Padding here is of x (0 or 1 per side: a
+//   slab whose neighbouring rows are given has 0); the output has 2 (n + lo + hi - 2) rows.
+//
+// Per call the kernel is transformed into a scratch buffer (cheap next to the products). Tiles go
+// in chunks: with more than 128 channels the products take the time and run faster on many rows,
+// so chunks are large (kChunkBytes) and each step uses all threads; up to 128 channels the
+// transforms take the time (memory-bound: P/8 times the input written and read back), so each
+// thread takes whole small chunks (kFusedBytes) through transform, a single-threaded matmul
+// (oneDNN runs a call made inside a parallel region on the calling thread) and back-transform
+// while they are in its cache. Measured on AVX-512 (2 cores), Winograd, time / oneDNN direct:
+// 512->512 at 20x28x20 with 2, 8, 64, 256 MB chunks 0.94, 0.60, 0.53, 0.48; 128->128 at
+// 20x112x80 fused with 512 kB, 2 MB, 8 MB chunks 0.76, 0.69, 0.82 (unfused at best 0.85).
+constexpr int64_t kChunkBytes = 256 << 20;
+constexpr int64_t kFusedBytes = 2 << 20;
+constexpr int64_t kFusedMaxChannels = 128;
 constexpr int64_t kLanes = 16;  // channels transformed together (one AVX-512 register)
 
-// G g G^T along each axis: kernel (O, I, 3, 3, 3) -> transformed (64, I, O). Output channels go
-// in blocks of kLanes, so that each of the 64 transformed values is written as one cache line.
-void winograd_kernel(const float* kernel, int64_t channels_in, int64_t channels_out, float* transformed) {
+struct TransformProblem {
+  int64_t i, o, d, h, w, pads[6];
+  auto tie() const { return std::tie(i, o, d, h, w, pads[0], pads[1], pads[2], pads[3], pads[4], pads[5]); }
+  int64_t padded(int axis) const { return (axis == 0 ? d : axis == 1 ? h : w) + pads[2 * axis] + pads[2 * axis + 1]; }
+};
+
+struct Winograd {
+  static constexpr int kPoints = 64, kPatch = 4, kStep = 2;
+  static int64_t tiles(const TransformProblem& p, int axis) { return (p.padded(axis) - 2 + 1) / 2; }
+  static int64_t out(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
+  // G g along one axis: 3 values -> 4 (in place in `v`, stride between values `s`).
+  static void kernel_line(float* v, int s) {
+    const float g0 = v[0], g1 = v[s], g2 = v[2 * s];
+    v[0] = g0, v[s] = 0.5f * (g0 + g1 + g2), v[2 * s] = 0.5f * (g0 - g1 + g2), v[3 * s] = g2;
+  }
+  template <int64_t kN>
+  static void input_line(float (*v)[kLanes], int base, int s, int64_t n) {
+    float* v0 = v[base];
+    float* v1 = v[base + s];
+    float* v2 = v[base + 2 * s];
+    float* v3 = v[base + 3 * s];
+    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
+      const float d0 = v0[j], d1 = v1[j], d2 = v2[j], d3 = v3[j];
+      v0[j] = d0 - d2, v1[j] = d1 + d2, v2[j] = d2 - d1, v3[j] = d1 - d3;
+    }
+  }
+  template <int64_t kN>
+  static void output_line(float (*m)[kLanes], int base, int s, int64_t n) {
+    float* m0 = m[base];
+    float* m1 = m[base + s];
+    const float* m2 = m[base + 2 * s];
+    const float* m3 = m[base + 3 * s];
+    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
+      const float a0 = m0[j], a1 = m1[j], a2 = m2[j], a3 = m3[j];
+      m0[j] = a0 + a1 + a2, m1[j] = a1 - a2 - a3;
+    }
+  }
+};
+
+struct Upsample {
+  static constexpr int kPoints = 27, kPatch = 3, kStep = 1;
+  static int64_t tiles(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
+  static int64_t out(const TransformProblem& p, int axis) { return 2 * (p.padded(axis) - 2); }
+  static void kernel_line(float* v, int s) {
+    const float g0 = v[0], g1 = v[s], g2 = v[2 * s];
+    v[0] = g0, v[s] = g0 + g1 + g2, v[2 * s] = g2;
+  }
+  template <int64_t kN>
+  static void input_line(float (*v)[kLanes], int base, int s, int64_t n) {
+    float* v0 = v[base];
+    const float* v1 = v[base + s];
+    float* v2 = v[base + 2 * s];
+    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
+      const float centre = v1[j];
+      v0[j] -= centre, v2[j] -= centre;
+    }
+  }
+  template <int64_t kN>
+  static void output_line(float (*m)[kLanes], int base, int s, int64_t n) {
+    float* m0 = m[base];
+    float* m1 = m[base + s];
+    const float* m2 = m[base + 2 * s];
+    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
+      const float a1 = m1[j];
+      m0[j] += a1, m1[j] = a1 + m2[j];
+    }
+  }
+};
+
+// The index of element k of line `line` (0 .. kPatch^2 - 1) along the axis whose stride is s in
+// a kPatch^3 cube laid out (d, h, w): s = 1 (w), kPatch (h), kPatch^2 (d).
+template <int kPatch>
+constexpr int line_base(int line, int s) {
+  return (line / s) * s * kPatch + line % s;
+}
+
+// Kernel (O, I, 3, 3, 3) -> transformed (P, I, O); output channels in blocks of kLanes so that each
+// transformed value is written as one cache line.
+template <class F>
+void transform_kernel(const float* kernel, int64_t channels_in, int64_t channels_out, float* transformed) {
+  constexpr int kP = F::kPatch;
   const int64_t blocks = (channels_out + kLanes - 1) / kLanes;
 #pragma omp parallel for collapse(2) schedule(static)
   for (int64_t i = 0; i < channels_in; ++i) {
     for (int64_t block = 0; block < blocks; ++block) {
       const int64_t o0 = block * kLanes, n = std::min(kLanes, channels_out - o0);
-      float values[kWinogradPoints][kLanes];
+      float values[F::kPoints][kLanes];
       for (int64_t j = 0; j < n; ++j) {
+        // the 3x3x3 taps placed in a kP^3 cube, then transformed along w, h, d in place
+        float cube[kP * kP * kP] = {};
         const float* g = kernel + ((o0 + j) * channels_in + i) * 27;
-        float along_w[3][3][4], along_h[3][4][4];
         for (int a = 0; a < 3; ++a)
-          for (int b = 0; b < 3; ++b) {
-            const float* t = g + (a * 3 + b) * 3;
-            along_w[a][b][0] = t[0];
-            along_w[a][b][1] = 0.5f * (t[0] + t[1] + t[2]);
-            along_w[a][b][2] = 0.5f * (t[0] - t[1] + t[2]);
-            along_w[a][b][3] = t[2];
-          }
+          for (int b = 0; b < 3; ++b)
+            for (int c = 0; c < 3; ++c) cube[(a * kP + b) * kP + c] = g[(a * 3 + b) * 3 + c];
         for (int a = 0; a < 3; ++a)
-          for (int c = 0; c < 4; ++c) {
-            const float t0 = along_w[a][0][c], t1 = along_w[a][1][c], t2 = along_w[a][2][c];
-            along_h[a][0][c] = t0;
-            along_h[a][1][c] = 0.5f * (t0 + t1 + t2);
-            along_h[a][2][c] = 0.5f * (t0 - t1 + t2);
-            along_h[a][3][c] = t2;
-          }
-        for (int b = 0; b < 4; ++b)
-          for (int c = 0; c < 4; ++c) {
-            const float t0 = along_h[0][b][c], t1 = along_h[1][b][c], t2 = along_h[2][b][c];
-            values[(0 * 4 + b) * 4 + c][j] = t0;
-            values[(1 * 4 + b) * 4 + c][j] = 0.5f * (t0 + t1 + t2);
-            values[(2 * 4 + b) * 4 + c][j] = 0.5f * (t0 - t1 + t2);
-            values[(3 * 4 + b) * 4 + c][j] = t2;
-          }
+          for (int b = 0; b < 3; ++b) F::kernel_line(cube + (a * kP + b) * kP, 1);
+        for (int a = 0; a < 3; ++a)
+          for (int c = 0; c < kP; ++c) F::kernel_line(cube + a * kP * kP + c, kP);
+        for (int b = 0; b < kP; ++b)
+          for (int c = 0; c < kP; ++c) F::kernel_line(cube + b * kP + c, kP * kP);
+        for (int point = 0; point < F::kPoints; ++point) values[point][j] = cube[point];
       }
-      for (int point = 0; point < kWinogradPoints; ++point) {
+      for (int point = 0; point < F::kPoints; ++point) {
         float* dst = transformed + (point * channels_in + i) * channels_out + o0;
         for (int64_t j = 0; j < n; ++j) dst[j] = values[point][j];
       }
@@ -446,83 +467,52 @@ void winograd_kernel(const float* kernel, int64_t channels_in, int64_t channels_
   }
 }
 
-// B^T d B of the 4x4x4 input patch of tile (td, th, tw), channels [c0, c0 + n), into row `row` of
-// each of the 64 (rows, I) matrices at `out` (zero outside the volume: the padding).
-template <int64_t kFixed>  // kFixed > 0: n == kFixed, a compile-time trip count (vectorised)
-inline void winograd_input_tile(const float* x, const WinogradProblem& p, int64_t td, int64_t th, int64_t tw,
-                                int64_t c0, int64_t lanes, float* out, int64_t rows, int64_t row) {
-  const int64_t n = kFixed > 0 ? kFixed : lanes;
-  float v[kWinogradPoints][kLanes];
-  for (int a = 0; a < 4; ++a) {
-    const int64_t zd = 2 * td - p.pads[0] + a;
-    for (int b = 0; b < 4; ++b) {
-      const int64_t zh = 2 * th - p.pads[2] + b;
-      for (int c = 0; c < 4; ++c) {
-        const int64_t zw = 2 * tw - p.pads[4] + c;
-        float* dst = v[(a * 4 + b) * 4 + c];
+// Input patch of tile (td, th, tw), channels [c0, c0 + n), transformed into row `row` of each of
+// the P (rows, I) matrices at `out` (zero outside the volume: the padding).
+template <class F, int64_t kN>
+inline void input_tile(const float* x, const TransformProblem& p, int64_t td, int64_t th, int64_t tw, int64_t c0,
+                       int64_t n, float* out, int64_t rows, int64_t row) {
+  constexpr int kP = F::kPatch;
+  float v[F::kPoints][kLanes];
+  for (int a = 0; a < kP; ++a) {
+    const int64_t zd = F::kStep * td - p.pads[0] + a;
+    for (int b = 0; b < kP; ++b) {
+      const int64_t zh = F::kStep * th - p.pads[2] + b;
+      for (int c = 0; c < kP; ++c) {
+        const int64_t zw = F::kStep * tw - p.pads[4] + c;
+        float* dst = v[(a * kP + b) * kP + c];
         if (zd >= 0 && zd < p.d && zh >= 0 && zh < p.h && zw >= 0 && zw < p.w) {
           const float* src = x + ((zd * p.h + zh) * p.w + zw) * p.i + c0;
-          for (int64_t j = 0; j < n; ++j) dst[j] = src[j];
+          for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = src[j];
         } else {
-          for (int64_t j = 0; j < n; ++j) dst[j] = 0.0f;
+          for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = 0.0f;
         }
       }
     }
   }
-  // along each axis (stride 1, 4, 16 between the four values of a line)
-  for (const int stride : {1, 4, 16}) {
-    for (int line = 0; line < 16; ++line) {
-      // the 16 lines along the axis: base index with the axis' own digit zero
-      const int low = line % stride, high = line / stride;
-      const int base = high * stride * 4 + low;
-      float* v0 = v[base];
-      float* v1 = v[base + stride];
-      float* v2 = v[base + 2 * stride];
-      float* v3 = v[base + 3 * stride];
-      for (int64_t j = 0; j < n; ++j) {
-        const float d0 = v0[j], d1 = v1[j], d2 = v2[j], d3 = v3[j];
-        v0[j] = d0 - d2;
-        v1[j] = d1 + d2;
-        v2[j] = d2 - d1;
-        v3[j] = d1 - d3;
-      }
-    }
-  }
-  for (int point = 0; point < kWinogradPoints; ++point) {
+  for (const int s : {1, kP, kP * kP})
+    for (int line = 0; line < kP * kP; ++line) F::template input_line<kN>(v, line_base<kP>(line, s), s, n);
+  for (int point = 0; point < F::kPoints; ++point) {
     float* dst = out + (point * rows + row) * p.i + c0;
-    for (int64_t j = 0; j < n; ++j) dst[j] = v[point][j];
+    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = v[point][j];
   }
 }
 
-// A^T m A of row `row` of the 64 (rows, O) products, channels [c0, c0 + n), plus bias, written to
-// the (up to) 2x2x2 outputs of tile (td, th, tw) in the channels-last result y.
-template <int64_t kFixed>
-inline void winograd_output_tile(const float* products, const float* bias, const WinogradProblem& p,
-                                 int64_t td, int64_t th, int64_t tw, int64_t c0, int64_t lanes, float* y,
-                                 int64_t rows, int64_t row) {
-  const int64_t n = kFixed > 0 ? kFixed : lanes;
-  float m[kWinogradPoints][kLanes];
-  for (int point = 0; point < kWinogradPoints; ++point) {
+// Row `row` of the P (rows, O) products, channels [c0, c0 + n), back-transformed, plus bias, into
+// the (up to) 2x2x2 outputs of tile (td, th, tw) of the channels-last result y.
+template <class F, int64_t kN>
+inline void output_tile(const float* products, const float* bias, const TransformProblem& p, int64_t td, int64_t th,
+                        int64_t tw, int64_t c0, int64_t n, float* y, int64_t rows, int64_t row) {
+  constexpr int kP = F::kPatch;
+  float m[F::kPoints][kLanes];
+  for (int point = 0; point < F::kPoints; ++point) {
     const float* src = products + (point * rows + row) * p.o + c0;
-    for (int64_t j = 0; j < n; ++j) m[point][j] = src[j];
+    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) m[point][j] = src[j];
   }
-  // along w, then h, then d: 4 values -> 2 (kept in the first two slots of each line)
-  for (const int stride : {1, 4, 16}) {
-    for (int line = 0; line < 16; ++line) {
-      const int low = line % stride, high = line / stride;
-      const int base = high * stride * 4 + low;
-      float* m0 = m[base];
-      float* m1 = m[base + stride];
-      const float* m2 = m[base + 2 * stride];
-      const float* m3 = m[base + 3 * stride];
-      for (int64_t j = 0; j < n; ++j) {
-        const float a0 = m0[j], a1 = m1[j], a2 = m2[j], a3 = m3[j];
-        m0[j] = a0 + a1 + a2;
-        m1[j] = a1 - a2 - a3;
-      }
-    }
-  }
-  const int64_t out_d = p.out_d(), out_h = p.out_h(), out_w = p.out_w();
+  // kP values -> 2 along w, then h, then d (kept in the first two slots of each line)
+  for (const int s : {1, kP, kP * kP})
+    for (int line = 0; line < kP * kP; ++line) F::template output_line<kN>(m, line_base<kP>(line, s), s, n);
+  const int64_t out_d = F::out(p, 0), out_h = F::out(p, 1), out_w = F::out(p, 2);
   for (int a = 0; a < 2; ++a) {
     const int64_t od = 2 * td + a;
     if (od >= out_d) continue;
@@ -532,46 +522,70 @@ inline void winograd_output_tile(const float* products, const float* bias, const
       for (int c = 0; c < 2; ++c) {
         const int64_t ow = 2 * tw + c;
         if (ow >= out_w) continue;
-        const float* src = m[(a * 4 + b) * 4 + c];
+        const float* src = m[(a * kP + b) * kP + c];
         float* dst = y + ((od * out_h + oh) * out_w + ow) * p.o + c0;
-        for (int64_t j = 0; j < n; ++j) dst[j] = src[j] + bias[c0 + j];
+        for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = src[j] + bias[c0 + j];
       }
     }
   }
 }
 
 // The transforms of one tile (index t in d, h, w order), over all channel blocks.
+template <class F>
 struct TileRows {
-  const WinogradProblem& p;
+  const TransformProblem& p;
   int64_t tiles_h, tiles_w;
   void input(const float* x, int64_t t, float* transformed, int64_t rows, int64_t row) const {
     const int64_t td = t / (tiles_h * tiles_w), th = (t / tiles_w) % tiles_h, tw = t % tiles_w;
     for (int64_t c0 = 0; c0 < p.i; c0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, p.i - c0);
-      if (lanes == kLanes)
-        winograd_input_tile<kLanes>(x, p, td, th, tw, c0, lanes, transformed, rows, row);
+      if (p.i - c0 >= kLanes)
+        input_tile<F, kLanes>(x, p, td, th, tw, c0, kLanes, transformed, rows, row);
       else
-        winograd_input_tile<0>(x, p, td, th, tw, c0, lanes, transformed, rows, row);
+        input_tile<F, 0>(x, p, td, th, tw, c0, p.i - c0, transformed, rows, row);
     }
   }
   void output(const float* products, const float* bias, int64_t t, float* y, int64_t rows, int64_t row) const {
     const int64_t td = t / (tiles_h * tiles_w), th = (t / tiles_w) % tiles_h, tw = t % tiles_w;
     for (int64_t c0 = 0; c0 < p.o; c0 += kLanes) {
-      const int64_t lanes = std::min(kLanes, p.o - c0);
-      if (lanes == kLanes)
-        winograd_output_tile<kLanes>(products, bias, p, td, th, tw, c0, lanes, y, rows, row);
+      if (p.o - c0 >= kLanes)
+        output_tile<F, kLanes>(products, bias, p, td, th, tw, c0, kLanes, y, rows, row);
       else
-        winograd_output_tile<0>(products, bias, p, td, th, tw, c0, lanes, y, rows, row);
+        output_tile<F, 0>(products, bias, p, td, th, tw, c0, p.o - c0, y, rows, row);
     }
   }
 };
 
+// Batched matmul (P, rows, I) @ (P, I, O) -> (P, rows, O), one per distinct (P, rows, I, O). Its
+// scratchpad is the caller's (scratchpad_mode::user): threads run the same primitive at once.
+struct PointMatmul {
+  dnnl::matmul primitive;
+  size_t scratchpad_bytes = 0;
+};
+
+// Caller holds call_mutex() (the map may grow).
+PointMatmul& point_matmul(int64_t points, int64_t rows, int64_t i, int64_t o) {
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, PointMatmul> cache;
+  auto& slot = cache[{points, rows, i, o}];
+  if (!slot.primitive) {
+    const dnnl::memory::desc src({points, rows, i}, dt::f32, tag::abc);
+    const dnnl::memory::desc weights({points, i, o}, dt::f32, tag::abc);
+    const dnnl::memory::desc dst({points, rows, o}, dt::f32, tag::abc);
+    dnnl::primitive_attr attributes;
+    attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    const dnnl::matmul::primitive_desc pd(engine(), src, weights, dst, attributes);
+    slot.primitive = dnnl::matmul(pd);
+    slot.scratchpad_bytes = pd.scratchpad_desc().get_size();
+  }
+  return slot;
+}
+
 // `scratchpad`: at least the matmul's scratchpad_bytes, used by this call only.
-void run_winograd_matmul(dnnl::stream& stream, const WinogradMatmul& matmul, int64_t rows, const WinogradProblem& p,
-                         float* transformed, float* kernel, float* products, void* scratchpad) {
-  dnnl::memory src({{kWinogradPoints, rows, p.i}, dt::f32, tag::abc}, engine(), transformed);
-  dnnl::memory weights({{kWinogradPoints, p.i, p.o}, dt::f32, tag::abc}, engine(), kernel);
-  dnnl::memory dst({{kWinogradPoints, rows, p.o}, dt::f32, tag::abc}, engine(), products);
+void run_point_matmul(dnnl::stream& stream, const PointMatmul& matmul, int64_t points, int64_t rows,
+                      const TransformProblem& p, float* transformed, float* kernel, float* products,
+                      void* scratchpad) {
+  dnnl::memory src({{points, rows, p.i}, dt::f32, tag::abc}, engine(), transformed);
+  dnnl::memory weights({{points, p.i, p.o}, dt::f32, tag::abc}, engine(), kernel);
+  dnnl::memory dst({{points, rows, p.o}, dt::f32, tag::abc}, engine(), products);
   std::unordered_map<int, dnnl::memory> arguments{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
   if (matmul.scratchpad_bytes > 0)
     arguments[DNNL_ARG_SCRATCHPAD] =
@@ -580,70 +594,71 @@ void run_winograd_matmul(dnnl::stream& stream, const WinogradMatmul& matmul, int
   stream.wait();
 }
 
-ffi::Error WinogradConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
-                          int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+Scratch scratch_transform_kernel, scratch_transform_in, scratch_transform_products, scratch_transform_pad;
+
+template <class F>
+ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight,
+                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, const int64_t (&pads)[6]) {
+  const std::string where = std::string(name) + ": ";
   const auto xd = x.dimensions(), wd = weight.dimensions(), bd = bias.dimensions();
   if (xd.size() < 4 || wd.size() < 5 || bd.size() < 1)
-    return ffi::Error::InvalidArgument("winograd conv3d: x needs rank >= 4, weight >= 5, bias >= 1");
-  if (leading(wd, 5) != 1)
-    return ffi::Error::InvalidArgument("winograd conv3d: one kernel per call (weights must not be batched)");
+    return ffi::Error::InvalidArgument(where + "x needs rank >= 4, weight >= 5, bias >= 1");
+  if (leading(wd, 5) != 1) return ffi::Error::InvalidArgument(where + "one kernel per call (weights must not be batched)");
   const size_t r = xd.size(), rw = wd.size();
-  WinogradProblem p{};
+  TransformProblem p{};
   p.d = xd[r - 4], p.h = xd[r - 3], p.w = xd[r - 2], p.i = xd[r - 1];
   p.o = wd[rw - 5];
   if (wd[rw - 4] != p.i || wd[rw - 3] != 3 || wd[rw - 2] != 3 || wd[rw - 1] != 3 || bd[bd.size() - 1] != p.o)
-    return ffi::Error::InvalidArgument("winograd conv3d: needs a (O, I, 3, 3, 3) kernel matching x and bias");
-  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
+    return ffi::Error::InvalidArgument(where + "needs a (O, I, 3, 3, 3) kernel matching x and bias");
   for (const int64_t pad : pads)
-    if (pad < 0 || pad > 1) return ffi::Error::InvalidArgument("winograd conv3d: padding must be 0 or 1");
+    if (pad < 0 || pad > 1) return ffi::Error::InvalidArgument(where + "padding must be 0 or 1");
   std::memcpy(p.pads, pads, sizeof pads);
   const int64_t batch = leading(y->dimensions(), 4), inputs = leading(xd, 4), biases = leading(bd, 1);
   if ((inputs != 1 && inputs != batch) || (biases != 1 && biases != batch))
-    return ffi::Error::InvalidArgument("winograd conv3d: x or bias batch differs from the result's");
-  if (batch == 0 || p.out_d() <= 0 || p.out_h() <= 0 || p.out_w() <= 0) return ffi::Error::Success();
+    return ffi::Error::InvalidArgument(where + "x or bias batch differs from the result's");
+  const int64_t tiles_d = F::tiles(p, 0), tiles_h = F::tiles(p, 1), tiles_w = F::tiles(p, 2);
+  if (batch == 0 || tiles_d <= 0 || tiles_h <= 0 || tiles_w <= 0) return ffi::Error::Success();
+  constexpr int64_t points = F::kPoints;
+  const int64_t tiles = tiles_d * tiles_h * tiles_w;
+  const bool fused = std::max(p.i, p.o) <= kFusedMaxChannels;
+  const int64_t per_tile = points * (fused ? p.i + p.o : std::max(p.i, p.o)) * static_cast<int64_t>(sizeof(float));
+  const int64_t chunk = std::max<int64_t>(8, std::min<int64_t>(tiles, (fused ? kFusedBytes : kChunkBytes) / per_tile));
+  const int64_t x_step = p.d * p.h * p.w * p.i, y_step = F::out(p, 0) * F::out(p, 1) * F::out(p, 2) * p.o;
+  const TileRows<F> tile_rows{p, tiles_h, tiles_w};
 
   std::lock_guard<std::mutex> lock(call_mutex());
   try {
     dnnl::stream stream(engine());
     PhaseClock clock;
-    float* kernel = static_cast<float*>(
-        scratch_winograd_kernel.get(kWinogradPoints * p.i * p.o * sizeof(float)));
-    winograd_kernel(weight.typed_data(), p.i, p.o, kernel);
+    float* kernel = static_cast<float*>(scratch_transform_kernel.get(points * p.i * p.o * sizeof(float)));
+    transform_kernel<F>(weight.typed_data(), p.i, p.o, kernel);
     clock.lap(kWeights);
-    const int64_t tiles_d = (p.out_d() + 1) / 2, tiles_h = (p.out_h() + 1) / 2, tiles_w = (p.out_w() + 1) / 2;
-    const bool fused = winograd_fused(p);
-    const int64_t tiles = tiles_d * tiles_h * tiles_w, chunk = winograd_chunk(p, fused);
-    const int64_t x_step = p.d * p.h * p.w * p.i, y_step = p.out_d() * p.out_h() * p.out_w() * p.o;
-    const TileRows tile_rows{p, tiles_h, tiles_w};
-    if (fused) {
-      // Each thread takes whole chunks: transform, a single-threaded matmul (oneDNN runs nested
-      // calls on the calling thread), back-transform, while the chunk is still in its cache.
-      const int threads = omp_get_max_threads();
-      const int64_t chunks = (tiles + chunk - 1) / chunk;
-      const WinogradMatmul& full = winograd_matmul(chunk, p.i, p.o);
-      const WinogradMatmul& tail = winograd_matmul(tiles % chunk ? tiles % chunk : chunk, p.i, p.o);
-      const int64_t pad_floats = (std::max(full.scratchpad_bytes, tail.scratchpad_bytes) + 63) / 64 * 16;
-      const int64_t per_thread = kWinogradPoints * chunk * (p.i + p.o) + pad_floats;
-      float* buffers = static_cast<float*>(scratch_winograd_in.get(threads * per_thread * sizeof(float)));
-      for (int64_t e = 0; e < batch; ++e) {
-        const float* x_e = x.typed_data() + (inputs == 1 ? 0 : e) * x_step;
-        const float* bias_e = bias.typed_data() + (biases == 1 ? 0 : e) * p.o;
-        float* y_e = y->typed_data() + e * y_step;
+    for (int64_t e = 0; e < batch; ++e) {
+      const float* x_e = x.typed_data() + (inputs == 1 ? 0 : e) * x_step;
+      const float* bias_e = bias.typed_data() + (biases == 1 ? 0 : e) * p.o;
+      float* y_e = y->typed_data() + e * y_step;
+      if (fused) {
+        const int threads = omp_get_max_threads();
+        const int64_t chunks = (tiles + chunk - 1) / chunk;
+        const PointMatmul& full = point_matmul(points, chunk, p.i, p.o);
+        const PointMatmul& tail = point_matmul(points, tiles % chunk ? tiles % chunk : chunk, p.i, p.o);
+        const int64_t pad_floats = (std::max(full.scratchpad_bytes, tail.scratchpad_bytes) + 63) / 64 * 16;
+        const int64_t per_thread = points * chunk * (p.i + p.o) + pad_floats;
+        float* buffers = static_cast<float*>(scratch_transform_in.get(threads * per_thread * sizeof(float)));
         bool failed = false;
 #pragma omp parallel num_threads(threads)
         {
           const int me = omp_get_thread_num(), team = omp_get_num_threads();
           float* transformed = buffers + me * per_thread;
-          float* products = transformed + kWinogradPoints * chunk * p.i;
-          float* scratchpad = products + kWinogradPoints * chunk * p.o;
+          float* products = transformed + points * chunk * p.i;
+          float* scratchpad = products + points * chunk * p.o;
           try {
             dnnl::stream local(engine());
             for (int64_t c = me; c < chunks; c += team) {
               const int64_t first = c * chunk, rows = std::min(chunk, tiles - first);
               for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, transformed, rows, row);
-              run_winograd_matmul(local, rows == chunk ? full : tail, rows, p, transformed, kernel, products,
-                                  scratchpad);
+              run_point_matmul(local, rows == chunk ? full : tail, points, rows, p, transformed, kernel, products,
+                               scratchpad);
               for (int64_t row = 0; row < rows; ++row)
                 tile_rows.output(products, bias_e, first + row, y_e, rows, row);
             }
@@ -652,26 +667,19 @@ ffi::Error WinogradConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight,
             failed = true;
           }
         }
-        if (failed) return ffi::Error::Internal("winograd conv3d: oneDNN matmul failed");
-      }
-      clock.lap(kConv);
-    } else {
-      float* transformed = static_cast<float*>(
-          scratch_winograd_in.get(kWinogradPoints * chunk * p.i * sizeof(float)));
-      float* products = static_cast<float*>(
-          scratch_winograd_products.get(kWinogradPoints * chunk * p.o * sizeof(float)));
-      for (int64_t e = 0; e < batch; ++e) {
-        const float* x_e = x.typed_data() + (inputs == 1 ? 0 : e) * x_step;
-        const float* bias_e = bias.typed_data() + (biases == 1 ? 0 : e) * p.o;
-        float* y_e = y->typed_data() + e * y_step;
+        if (failed) return ffi::Error::Internal(where + "oneDNN matmul failed");
+        clock.lap(kConv);
+      } else {
+        float* transformed = static_cast<float*>(scratch_transform_in.get(points * chunk * p.i * sizeof(float)));
+        float* products = static_cast<float*>(scratch_transform_products.get(points * chunk * p.o * sizeof(float)));
         for (int64_t first = 0; first < tiles; first += chunk) {
           const int64_t rows = std::min(chunk, tiles - first);
 #pragma omp parallel for schedule(static)
           for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, transformed, rows, row);
           clock.lap(kSrc);
-          const WinogradMatmul& matmul = winograd_matmul(rows, p.i, p.o);
-          run_winograd_matmul(stream, matmul, rows, p, transformed, kernel, products,
-                              scratch_winograd_pad.get(std::max<size_t>(matmul.scratchpad_bytes, 64)));
+          const PointMatmul& matmul = point_matmul(points, rows, p.i, p.o);
+          run_point_matmul(stream, matmul, points, rows, p, transformed, kernel, products,
+                           scratch_transform_pad.get(std::max<size_t>(matmul.scratchpad_bytes, 64)));
           clock.lap(kConv);
 #pragma omp parallel for schedule(static)
           for (int64_t row = 0; row < rows; ++row)
@@ -681,9 +689,23 @@ ffi::Error WinogradConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight,
       }
     }
   } catch (const dnnl::error& e) {
-    return ffi::Error::Internal(std::string("winograd conv3d: ") + e.what());
+    return ffi::Error::Internal(where + e.what());
   }
   return ffi::Error::Success();
+}
+
+ffi::Error WinogradConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
+                          int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
+  return TransformedConv3d<Winograd>("winograd conv3d", x, weight, bias, y, pads);
+}
+
+ffi::Error UpsampleConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
+                          ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
+                          int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
+  return TransformedConv3d<Upsample>("upsample conv3d", x, weight, bias, y, pads);
 }
 
 }  // namespace
@@ -707,23 +729,27 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
                                   .Attr<bool>("channels_last")
                                   .Attr<ffi::Span<const int64_t>>("packed_for"));
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinogradConv3d, WinogradConv3d,
-                              ffi::Ffi::Bind()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad_d_lo")
-                                  .Attr<int64_t>("pad_d_hi")
-                                  .Attr<int64_t>("pad_h_lo")
-                                  .Attr<int64_t>("pad_h_hi")
-                                  .Attr<int64_t>("pad_w_lo")
-                                  .Attr<int64_t>("pad_w_hi"));
+// Shared binding of the two transformed convolutions: x (..., D, H, W, I) channels-last, weight
+// (O, I, 3, 3, 3), bias (..., O); result channels-last; zero padding 0 or 1 per side.
+#define BRAIN_LDM_TRANSFORMED_BINDING                  \
+  ffi::Ffi::Bind()                                     \
+      .Arg<ffi::Buffer<ffi::F32>>()                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                    \
+      .Arg<ffi::Buffer<ffi::F32>>()                    \
+      .Ret<ffi::Buffer<ffi::F32>>()                    \
+      .Attr<int64_t>("pad_d_lo")                       \
+      .Attr<int64_t>("pad_d_hi")                       \
+      .Attr<int64_t>("pad_h_lo")                       \
+      .Attr<int64_t>("pad_h_hi")                       \
+      .Attr<int64_t>("pad_w_lo")                       \
+      .Attr<int64_t>("pad_w_hi")
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinogradConv3d, WinogradConv3d, BRAIN_LDM_TRANSFORMED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmUpsampleConv3d, UpsampleConv3d, BRAIN_LDM_TRANSFORMED_BINDING);
 
 // The version of this file's interface (handler attributes, exported functions). The Python side
 // (models/onednn.py, INTERFACE_VERSION) refuses an extension built from another version, e.g. a
 // stale build left in a source checkout, and runs on XLA instead. Bump both on any change.
-extern "C" int brain_ldm_onednn_interface_version() { return 3; }
+extern "C" int brain_ldm_onednn_interface_version() { return 4; }
 
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
@@ -734,10 +760,10 @@ extern "C" void brain_ldm_onednn_release_scratch() {
   scratch_src.release();
   scratch_dst.release();
   scratch_weights.release();
-  scratch_winograd_kernel.release();
-  scratch_winograd_in.release();
-  scratch_winograd_products.release();
-  scratch_winograd_pad.release();
+  scratch_transform_kernel.release();
+  scratch_transform_in.release();
+  scratch_transform_products.release();
+  scratch_transform_pad.release();
 }
 
 // Seconds spent so far reordering kernels, reordering inputs, convolving, reordering outputs

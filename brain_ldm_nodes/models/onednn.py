@@ -39,11 +39,13 @@ log = logging.getLogger("brain_ldm_nodes")
 TARGET = "brain_ldm_onednn_conv3d"
 #: Name of the FFI target of the Winograd F(2,3) convolution (``BrainLdmWinogradConv3d``).
 WINOGRAD_TARGET = "brain_ldm_winograd_conv3d"
+#: Name of the FFI target of the nearest-×2-upsampling-then-3×3×3 convolution (``BrainLdmUpsampleConv3d``).
+UPSAMPLE_TARGET = "brain_ldm_upsample_conv3d"
 #: Set to ``0`` / ``off`` to never load the extension (the pure-XLA path everywhere).
 DISABLE_VARIABLE = "BRAIN_LDM_NODES_ONEDNN"
 #: ``brain_ldm_onednn_interface_version()`` of the handler this module speaks to; an extension
 #: built from another version of ``csrc/onednn_conv3d.cc`` is not used.
-INTERFACE_VERSION = 3
+INTERFACE_VERSION = 4
 
 
 def _extension_path() -> Path | None:
@@ -90,6 +92,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BrainLdmOnednnConv3d), platform="cpu")
     jax.ffi.register_ffi_target(WINOGRAD_TARGET, jax.ffi.pycapsule(library.BrainLdmWinogradConv3d), platform="cpu")
+    jax.ffi.register_ffi_target(UPSAMPLE_TARGET, jax.ffi.pycapsule(library.BrainLdmUpsampleConv3d), platform="cpu")
     library.brain_ldm_onednn_max_threads.restype = ctypes.c_int
     library.brain_ldm_onednn_cached_plans.restype = ctypes.c_int64
     library.brain_ldm_onednn_packed_floats.restype = ctypes.c_int64
@@ -290,6 +293,26 @@ def conv3d(
     return out[0]
 
 
+def _transformed_conv3d(target: str, x: Array, weight: Array, bias: Array | None, padding: Padding,
+                        out_shape: tuple[int, ...]) -> Array:
+    """One of the extension's transformed 3×3×3 convolutions (``csrc/onednn_conv3d.cc``):
+    ``x`` relaid out channels-last for the call, the result back to channels-first."""
+    if _library() is None:
+        raise RuntimeError("the oneDNN extension is not available")
+    if tuple(weight.shape[2:]) != (3, 3, 3) or any(p not in (0, 1) for pair in padding for p in pair):
+        raise ValueError(f"{target} needs a 3×3×3 kernel and padding 0 or 1, got {weight.shape}, {padding}")
+    channels_out = weight.shape[0]
+    if bias is None:
+        bias = jnp.zeros((channels_out,), jnp.float32)
+    call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((1, *out_shape, channels_out), jnp.float32),
+                            vmap_method="expand_dims")
+    (d_lo, d_hi), (h_lo, h_hi), (w_lo, w_hi) = padding
+    channels_last = jnp.transpose(x.astype(jnp.float32), (1, 2, 3, 0))[None]
+    out = call(channels_last, weight.astype(jnp.float32), bias.astype(jnp.float32), pad_d_lo=int(d_lo),
+               pad_d_hi=int(d_hi), pad_h_lo=int(h_lo), pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi))
+    return jnp.transpose(out[0], (3, 0, 1, 2))
+
+
 def winograd_conv3d(
     x: Float[Array, "in d h w"],
     weight: Float[Array, "out in 3 3 3"],
@@ -299,21 +322,27 @@ def winograd_conv3d(
 ) -> Float[Array, "out d2 h2 w2"]:
     """3×3×3 convolution, stride 1, zero ``padding`` 0 or 1 per side, by Winograd F(2×2×2, 3×3×3)
     in the extension: input and output transforms in C++ on channels-last tiles, the 64 products
-    summed over input channels as one batched oneDNN matrix product per chunk of tiles; 3.4×
-    fewer multiplies than the direct convolution. Same arguments and layouts as :func:`conv3d`
-    (a plain kernel only); works under :func:`jax.jit` and :func:`jax.vmap`."""
-    if _library() is None:
-        raise RuntimeError("the oneDNN extension is not available")
-    if tuple(weight.shape[2:]) != (3, 3, 3) or any(p not in (0, 1) for pair in padding for p in pair):
-        raise ValueError(f"winograd_conv3d needs a 3×3×3 kernel and padding 0 or 1, got {weight.shape}, {padding}")
-    channels_out = weight.shape[0]
-    out_shape = _out_shape(x.shape[1:], (3, 3, 3), 1, padding)
-    if bias is None:
-        bias = jnp.zeros((channels_out,), jnp.float32)
-    call = jax.ffi.ffi_call(WINOGRAD_TARGET, jax.ShapeDtypeStruct((1, *out_shape, channels_out), jnp.float32),
-                            vmap_method="expand_dims")
-    (d_lo, d_hi), (h_lo, h_hi), (w_lo, w_hi) = padding
-    channels_last = jnp.transpose(x.astype(jnp.float32), (1, 2, 3, 0))[None]
-    out = call(channels_last, weight.astype(jnp.float32), bias.astype(jnp.float32), pad_d_lo=int(d_lo),
-               pad_d_hi=int(d_hi), pad_h_lo=int(h_lo), pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi))
-    return jnp.transpose(out[0], (3, 0, 1, 2))
+    summed over input channels as batched oneDNN matrix products; 3.4× fewer multiplies than the
+    direct convolution. Same arguments and layouts as :func:`conv3d` (a plain kernel only);
+    works under :func:`jax.jit` and :func:`jax.vmap`."""
+    return _transformed_conv3d(WINOGRAD_TARGET, x, weight, bias, padding,
+                               _out_shape(x.shape[1:], (3, 3, 3), 1, padding))
+
+
+def upsample_conv3d(
+    x: Float[Array, "in d h w"],
+    weight: Float[Array, "out in 3 3 3"],
+    bias: Float[Array, " out"] | None,
+    *,
+    padding: Padding = ((1, 1),) * 3,
+) -> Float[Array, "out d2 h2 w2"]:
+    """``conv3d(upsample_nearest(x), weight, bias)`` with zero padding 1 (of the upsampled
+    volume), without forming the upsampled volume: along each axis outputs ``2i, 2i+1`` are
+    ``w0 (x[i-1]-x[i]) + (w0+w1+w2) x[i]`` and ``(w0+w1+w2) x[i] + w2 (x[i+1]-x[i])``, so
+    27 multiplies per 8 outputs (the sub-pixel form needs 64, the upsampled convolution 216).
+
+    ``padding``: zero padding of ``x`` per side, 0 or 1 (1: the volume's edge; 0: a slab whose
+    neighbouring rows are included in ``x``). → ``(O, 2 (d + lo + hi - 2), …)``. Same
+    conventions as :func:`winograd_conv3d`."""
+    out_shape = tuple(2 * (size + lo + hi - 2) for size, (lo, hi) in zip(x.shape[1:], padding))
+    return _transformed_conv3d(UPSAMPLE_TARGET, x, weight, bias, padding, out_shape)
