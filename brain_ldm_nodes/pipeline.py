@@ -29,6 +29,7 @@ from jaxtyping import Array, Float, PRNGKeyArray
 
 from .conditioning import CONDITIONING_ORDER  # order of the four values (UPSTREAM.md §1)
 from .grid import MODEL_GRID_SHAPE as IMAGE_SHAPE  # the released model's grid (voxels, 1 mm, LAS)
+from .models import onednn
 from .models.autoencoder import AutoencoderKL, AutoencoderKLConfig
 from .models.layers import with_numerics
 from .models.streaming import decode_streaming, decode_streaming_layout_ok
@@ -601,6 +602,8 @@ class BrainLDM:
                 f"latents must be (batch, {self.vae.config.latent_channels}, d, h, w), "
                 f"got {tuple(latents.shape)}"
             )
+        # the U-Net's convolution scratch (Winograd chunks: up to ≈ 0.6 GB) is not the decoder's
+        onednn.release_scratch()
         return jnp.concatenate([
             _decode(self.vae, latents[i:i + 1], low_memory) for i in range(latents.shape[0])
         ])
