@@ -245,8 +245,9 @@ def pack_kernels(network: T, *example_args: Any, consume: bool = False) -> T:
     memory. Results are unchanged (the same oneDNN kernels read the same packed values); other
     input sizes still work (reordered per call where their layout differs). Without oneDNN
     (or off CPU) ``network`` is returned as is. Undo with :func:`unpack_kernels` (e.g. to save).
-    Kernels used through a transformation (the sub-pixel upsampling kernels) stay plain; a
-    packed network computing in bfloat16 (XLA) unpacks its kernels on every call (slow).
+    Kernels the extension transforms on every call instead (the Winograd convolutions, the
+    upsampling convolutions) stay plain; a packed network computing in bfloat16 (XLA) unpacks
+    its kernels on every call (slow).
     ``consume``: free each plain kernel once packed, so that packing a loaded network never
     holds two copies of its weights (``network`` itself is unusable afterwards).
     """
