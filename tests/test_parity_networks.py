@@ -112,17 +112,22 @@ def test_log_variance_clamp_matches_monai():
     assert relative_error(z_sigma, ref_sigma.numpy()) <= TOLERANCE
 
 
+def _unet_inputs(rng: np.random.Generator, batch: int, spatial: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """U-Net input ``(B, 3 + 4, *spatial)`` (latent, then the conditioning broadcast) and its
+    cross-attention context ``(B, 1, 4)``, as the sampler builds them."""
+    latents = rng.standard_normal((batch, 3, *spatial), dtype=np.float32)
+    conditioning = rng.random((batch, 4), dtype=np.float32)
+    x = np.concatenate(
+        [latents, np.broadcast_to(conditioning[:, :, None, None, None], (batch, 4, *spatial))], axis=1
+    )
+    return x, conditioning[:, None, :]
+
+
 @pytest.mark.slow
 def test_unet_matches_monai_full_config(full_unets):
     """All 553M parameters, batch 2, several timesteps, a non-cubic 8×12×4 latent."""
     ours, reference = full_unets
-    rng = np.random.default_rng(3)
-    latents = rng.standard_normal((2, 3, 8, 12, 4), dtype=np.float32)
-    conditioning = rng.random((2, 4), dtype=np.float32)
-    x = np.concatenate(
-        [latents, np.broadcast_to(conditioning[:, :, None, None, None], (2, 4, 8, 12, 4))], axis=1
-    )
-    context = conditioning[:, None, :]
+    x, context = _unet_inputs(np.random.default_rng(3), 2, (8, 12, 4))
     forward = eqx.filter_jit(lambda unet, *args: jax.vmap(unet)(*args))
     for timesteps in ([999, 0], [500, 20]):
         eps = forward(ours, jnp.asarray(x), jnp.asarray(timesteps), jnp.asarray(context))
@@ -142,13 +147,7 @@ def test_unet_matches_monai_full_config_at_the_model_latent_size(full_unets):
     from brain_ldm_nodes.models import onednn
 
     ours, reference = full_unets
-    rng = np.random.default_rng(5)
-    latents = rng.standard_normal((1, 3, 20, 28, 20), dtype=np.float32)
-    conditioning = rng.random((1, 4), dtype=np.float32)
-    x = np.concatenate(
-        [latents, np.broadcast_to(conditioning[:, :, None, None, None], (1, 4, 20, 28, 20))], axis=1
-    )
-    context = conditioning[:, None, :]
+    x, context = _unet_inputs(np.random.default_rng(5), 1, (20, 28, 20))
     forward = eqx.filter_jit(lambda unet, *args: jax.vmap(unet)(*args))
     args = (jnp.asarray(x), jnp.asarray([500]), jnp.asarray(context))
     if onednn.available():
@@ -427,7 +426,8 @@ def test_onednn_upsample_convolution_equals_upsample_then_xla_convolution(channe
     """The extension's 27-product ``conv3x3x3(upsample_nearest(x))`` equals upsampling then
     ``lax.conv_general_dilated`` (padding 1 of the upsampled volume; padding 0 on an axis: the
     rows of ``x`` at either end are only read, as a slab's halo) to ≤ 4e-6 relative, under jit and
-    vmap with one bias per example; ``layers.upsample_conv`` uses it under ``"auto"``."""
+    vmap with one bias per example; ``layers.upsample_conv`` uses it under ``"auto"`` for ≥ 128
+    outputs, the sub-pixel form otherwise, both exact."""
     from brain_ldm_nodes.models import layers, onednn
 
     assert onednn.available()
@@ -452,7 +452,7 @@ def test_onednn_upsample_convolution_equals_upsample_then_xla_convolution(channe
         conv = eqx.tree_at(lambda c: (c.weight, c.bias), layers.Conv3d(channels_in, channels_out, key=jax.random.key(3)),
                            (weight, bias))
         hlo = jax.jit(lambda x: layers.upsample_conv(x, conv)).lower(x).as_text()
-        assert f"@{onednn.UPSAMPLE_TARGET}(" in hlo
+        assert (f"@{onednn.UPSAMPLE_TARGET}(" in hlo) == (channels_out >= layers.UPSAMPLE_MIN_CHANNELS_OUT)
         assert relative_error(layers.upsample_conv(x, conv), reference(x, bias)) <= 4e-6
 
 

@@ -436,13 +436,19 @@ def subpixel_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "8*ou
     return folded.reshape((8 * weight.shape[0], weight.shape[1], 2, 2, 2))
 
 
-def upsample_in_extension(numerics: Numerics) -> bool:
-    """Whether ``"auto"`` evaluates upsample-then-3×3×3 convolutions by the extension's 27-product
-    form (:func:`~brain_ldm_nodes.models.onednn.upsample_conv3d`) rather than the sub-pixel one:
-    on CPU with the extension, float32. Measured on AVX-512 (2 cores), time ÷ the sub-pixel form
-    on oneDNN: 0.59 (U-Net 512 channels, 10×14×10), 0.74 (768, 5×7×5), 0.85 (autoencoder 128 → 128
-    to full resolution), 0.98 (128 → 64, the streaming decoder's folded skip)."""
-    return numerics.implementation == "auto" and numerics.operand_dtype == "float32" and onednn.available()
+#: Fewest output channels for which ``"auto"`` uses the 27-product upsampling (see :func:`upsample_in_extension`).
+UPSAMPLE_MIN_CHANNELS_OUT = 128
+
+
+def upsample_in_extension(numerics: Numerics, channels_out: int) -> bool:
+    """Whether ``"auto"`` evaluates an upsample-then-3×3×3 convolution with ``channels_out``
+    outputs by the extension's 27-product form (:func:`~brain_ldm_nodes.models.onednn.upsample_conv3d`)
+    rather than the sub-pixel one: on CPU with the extension, float32, ≥ 128 outputs. Measured
+    on AVX-512 (2 cores, ``bench/conv_layouts.py``), time ÷ the sub-pixel form on oneDNN: 0.56
+    (U-Net 512 channels, 10×14×10), 0.44 (768, 5×7×5), 0.92–0.95 (autoencoder 128 → 128), but 1.1
+    for 128 → 64 (the streaming decoder's folded skip: left in sub-pixel form)."""
+    return (numerics.implementation == "auto" and numerics.operand_dtype == "float32"
+            and channels_out >= UPSAMPLE_MIN_CHANNELS_OUT and onednn.available())
 
 
 def _plain(weight: Array | onednn.PackedKernel) -> Array:
@@ -458,7 +464,7 @@ def upsample_conv(x: Volume, conv: Conv3d, bias: Float[Array, " out"] | None = N
     ``(C, D, H, W) -> (out, 2D, 2H, 2W)``.
     """
     bias = conv.bias if bias is None else bias
-    if upsample_in_extension(conv.numerics):
+    if upsample_in_extension(conv.numerics, conv.weight.shape[0]):
         return onednn.upsample_conv3d(x, _plain(conv.weight), bias)
     channels_out = conv.weight.shape[0]
     _, depth, height, width = x.shape

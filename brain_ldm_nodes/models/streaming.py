@@ -86,7 +86,7 @@ def _upsample_rows(weight: Array, bias: Array, numerics: Numerics, low: Array, f
     low_rows = rows // 2
     # output rows 2i+a (i = first_row/2 …) read low rows i-1+a, i+a: padded index i-1+a+HALO
     window = lax.dynamic_slice_in_dim(low, first_row // 2 - 1 + HALO, low_rows + 2, axis=1)
-    if upsample_in_extension(numerics):  # the window holds the neighbouring rows: no padding there
+    if upsample_in_extension(numerics, weight.shape[0]):  # the window holds the neighbouring rows: no padding there
         return onednn.upsample_conv3d(window, weight, bias, padding=((0, 0), (1, 1), (1, 1)))
     per_parity = conv3d(window, subpixel_weights(weight), jnp.tile(bias, 8), padding=((0, 0), (1, 1), (1, 1)),
                         numerics=numerics)
