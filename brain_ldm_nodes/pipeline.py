@@ -582,6 +582,7 @@ class BrainLDM:
         factor = self.vae.config.downsampling_factor
         if any(size % factor for size in images.shape[2:]):
             raise ValueError(f"image shape {tuple(images.shape[2:])} is not three multiples of {factor}")
+        onednn.release_scratch()  # the U-Net's convolution scratch is not the autoencoder's
         pairs = [_encode(self.vae, images[i:i + 1]) for i in range(images.shape[0])]
         return jnp.concatenate([p[0] for p in pairs]), jnp.concatenate([p[1] for p in pairs])
 
@@ -602,8 +603,7 @@ class BrainLDM:
                 f"latents must be (batch, {self.vae.config.latent_channels}, d, h, w), "
                 f"got {tuple(latents.shape)}"
             )
-        # the U-Net's convolution scratch (Winograd chunks: up to ≈ 0.6 GB) is not the decoder's
-        onednn.release_scratch()
+        onednn.release_scratch()  # the U-Net's convolution scratch (up to ≈ 0.6 GB) is not the decoder's
         return jnp.concatenate([
             _decode(self.vae, latents[i:i + 1], low_memory) for i in range(latents.shape[0])
         ])
