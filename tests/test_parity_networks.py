@@ -477,6 +477,9 @@ def test_auto_uses_winograd_only_where_it_was_measured_faster():
     assert targets(x[:64], weight[:, :64]) == (False, True)  # 64 input channels
     assert targets(x, weight, stride=2) == (False, True)
     assert targets(x, weight, numerics=layers.Numerics("onednn")) == (False, True)
+    # a kernel packed for the direct convolution (at another size) stays on it: no unpacking per call
+    packed = onednn.pack(weight, (4, 4, 4), stride=1, padding=((1, 1),) * 3, blocked=True)
+    assert targets(x, packed) == (False, True)
     out = jax.jit(lambda x: layers.conv3d(x, weight, bias))(x)
     assert relative_error(out, layers.conv3d(x, weight, bias, numerics=layers.Numerics("xla"))) <= 4e-6
 

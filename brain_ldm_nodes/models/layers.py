@@ -191,8 +191,10 @@ def conv3d(
     pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
     if name in ("auto", "onednn"):
         if not pointwise and numerics.operand_dtype == "float32" and onednn.available():
-            if name == "auto" and _winograd_wins(weight, x.shape[1:], stride, padding):
-                return onednn.winograd_conv3d(x, _plain(weight), bias, padding=padding)
+            # a kernel already packed for the direct convolution (another input size) stays on it
+            if (name == "auto" and not isinstance(weight, onednn.PackedKernel)
+                    and _winograd_wins(weight, x.shape[1:], stride, padding)):
+                return onednn.winograd_conv3d(x, weight, bias, padding=padding)
             blocked = True
             recorder = _PACKING.get()
             if recorder is not None and not isinstance(weight, onednn.PackedKernel):
