@@ -1,7 +1,12 @@
-// 3-D convolution (float32, forward, bias fused) by oneDNN, as an XLA FFI handler for jax.jit on CPU.
+// 3-D convolutions (float32, forward, bias fused) on oneDNN, as XLA FFI handlers for jax.jit on CPU:
+//   BrainLdmOnednnConv3d   oneDNN's direct convolution (below);
+//   BrainLdmWinogradConv3d a 3x3x3 convolution by Winograd F(2x2x2, 3x3x3), and
+//   BrainLdmUpsampleConv3d nearest x2 upsampling then a 3x3x3 convolution in 27 products per 8
+//                          outputs: transforms here, channel sums as oneDNN matmuls ("Transformed
+//                          convolutions" below).
 //
-// Registered from Python (brain_ldm_nodes/models/onednn.py) with jax.ffi.register_ffi_target under
-// the name "brain_ldm_onednn_conv3d", platform "cpu". Arguments, all float32 and row-major:
+// Registered from Python (brain_ldm_nodes/models/onednn.py) with jax.ffi.register_ffi_target, platform
+// "cpu". The direct convolution ("brain_ldm_onednn_conv3d"); arguments, all float32 and row-major:
 //   x      (..., I, D, H, W)   or, with channels_last, (..., D, H, W, I); leading axes = the batch
 //   weight (..., O, I, kD, kH, kW), leading axes all of size 1 (one kernel for the whole batch),
 //          or, with packed_for, the kernel already in oneDNN's layout (brain_ldm_onednn_pack), flat
