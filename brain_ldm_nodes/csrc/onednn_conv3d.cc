@@ -638,34 +638,45 @@ ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buf
     float* kernel = static_cast<float*>(scratch_transform_kernel.get(points * p.i * p.o * sizeof(float)));
     transform_kernel<F>(weight.typed_data(), p.i, p.o, kernel);
     clock.lap(kWeights);
+    // the two matmul shapes every chunk uses (all chunks but the last have `chunk` rows), and the
+    // buffers: per thread when fused, else one set shared by the threads of each step
+    const PointMatmul& full = point_matmul(points, chunk, p.i, p.o);
+    const PointMatmul& tail = point_matmul(points, tiles % chunk ? tiles % chunk : chunk, p.i, p.o);
+    const size_t pad_bytes = std::max<size_t>({full.scratchpad_bytes, tail.scratchpad_bytes, 64});
+    const int threads = omp_get_max_threads();
+    const int64_t chunks = (tiles + chunk - 1) / chunk;
+    const int64_t per_thread = points * chunk * (p.i + p.o) + static_cast<int64_t>((pad_bytes + 63) / 64 * 16);
+    float* buffers = nullptr;
+    float *transformed = nullptr, *products = nullptr;
+    void* scratchpad = nullptr;
+    if (fused) {
+      buffers = static_cast<float*>(scratch_transform_in.get(threads * per_thread * sizeof(float)));
+    } else {
+      transformed = static_cast<float*>(scratch_transform_in.get(points * chunk * p.i * sizeof(float)));
+      products = static_cast<float*>(scratch_transform_products.get(points * chunk * p.o * sizeof(float)));
+      scratchpad = scratch_transform_pad.get(pad_bytes);
+    }
     for (int64_t e = 0; e < batch; ++e) {
       const float* x_e = x.typed_data() + (inputs == 1 ? 0 : e) * x_step;
       const float* bias_e = bias.typed_data() + (biases == 1 ? 0 : e) * p.o;
       float* y_e = y->typed_data() + e * y_step;
       if (fused) {
-        const int threads = omp_get_max_threads();
-        const int64_t chunks = (tiles + chunk - 1) / chunk;
-        const PointMatmul& full = point_matmul(points, chunk, p.i, p.o);
-        const PointMatmul& tail = point_matmul(points, tiles % chunk ? tiles % chunk : chunk, p.i, p.o);
-        const int64_t pad_floats = (std::max(full.scratchpad_bytes, tail.scratchpad_bytes) + 63) / 64 * 16;
-        const int64_t per_thread = points * chunk * (p.i + p.o) + pad_floats;
-        float* buffers = static_cast<float*>(scratch_transform_in.get(threads * per_thread * sizeof(float)));
         bool failed = false;
 #pragma omp parallel num_threads(threads)
         {
           const int me = omp_get_thread_num(), team = omp_get_num_threads();
-          float* transformed = buffers + me * per_thread;
-          float* products = transformed + points * chunk * p.i;
-          float* scratchpad = products + points * chunk * p.o;
+          float* thread_in = buffers + me * per_thread;
+          float* thread_products = thread_in + points * chunk * p.i;
+          float* thread_pad = thread_products + points * chunk * p.o;
           try {
             dnnl::stream local(engine());
             for (int64_t c = me; c < chunks; c += team) {
               const int64_t first = c * chunk, rows = std::min(chunk, tiles - first);
-              for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, transformed, rows, row);
-              run_point_matmul(local, rows == chunk ? full : tail, points, rows, p, transformed, kernel, products,
-                               scratchpad);
+              for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, thread_in, rows, row);
+              run_point_matmul(local, rows == chunk ? full : tail, points, rows, p, thread_in, kernel,
+                               thread_products, thread_pad);
               for (int64_t row = 0; row < rows; ++row)
-                tile_rows.output(products, bias_e, first + row, y_e, rows, row);
+                tile_rows.output(thread_products, bias_e, first + row, y_e, rows, row);
             }
           } catch (const dnnl::error&) {
 #pragma omp atomic write
@@ -675,16 +686,13 @@ ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buf
         if (failed) return ffi::Error::Internal(where + "oneDNN matmul failed");
         clock.lap(kConv);
       } else {
-        float* transformed = static_cast<float*>(scratch_transform_in.get(points * chunk * p.i * sizeof(float)));
-        float* products = static_cast<float*>(scratch_transform_products.get(points * chunk * p.o * sizeof(float)));
         for (int64_t first = 0; first < tiles; first += chunk) {
           const int64_t rows = std::min(chunk, tiles - first);
 #pragma omp parallel for schedule(static)
           for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, transformed, rows, row);
           clock.lap(kSrc);
-          const PointMatmul& matmul = point_matmul(points, rows, p.i, p.o);
-          run_point_matmul(stream, matmul, points, rows, p, transformed, kernel, products,
-                           scratch_transform_pad.get(std::max<size_t>(matmul.scratchpad_bytes, 64)));
+          run_point_matmul(stream, rows == chunk ? full : tail, points, rows, p, transformed, kernel, products,
+                           scratchpad);
           clock.lap(kConv);
 #pragma omp parallel for schedule(static)
           for (int64_t row = 0; row < rows; ++row)
