@@ -426,7 +426,7 @@ def test_onednn_upsample_convolution_equals_upsample_then_xla_convolution(channe
     """The extension's 27-product ``conv3x3x3(upsample_nearest(x))`` equals upsampling then
     ``lax.conv_general_dilated`` (padding 1 of the upsampled volume; padding 0 on an axis: the
     rows of ``x`` at either end are only read, as a slab's halo) to ≤ 4e-6 relative, under jit and
-    vmap with one bias per example; ``layers.upsample_conv`` uses it under ``"auto"`` for ≥ 128
+    vmap with one bias per example; ``layers.upsample_conv`` uses it under ``"auto"`` for ≥ 64
     outputs, the sub-pixel form otherwise, both exact."""
     from brain_ldm_nodes.models import layers, onednn
 
@@ -457,9 +457,10 @@ def test_onednn_upsample_convolution_equals_upsample_then_xla_convolution(channe
 
 
 def test_auto_uses_winograd_only_where_it_was_measured_faster():
-    """``"auto"`` sends a 3×3×3 stride-1 convolution with ≥ 128 channels in and out on ≥ 1024
-    output voxels to the Winograd custom call (the U-Net's upper levels, the autoencoder's
-    128-channel ones) and everything else to oneDNN's direct convolution; the result equals XLA's."""
+    """``"auto"`` sends a 3×3×3 stride-1 convolution with ≥ 64 channels in and out on ≥ 1024
+    output voxels to the Winograd custom call (the U-Net's upper levels, all the autoencoder's
+    3×3×3 ones but those to or from its latent) and everything else to oneDNN's direct
+    convolution; the result equals XLA's."""
     from brain_ldm_nodes.models import layers, onednn
 
     assert onednn.available()
@@ -473,8 +474,10 @@ def test_auto_uses_winograd_only_where_it_was_measured_faster():
 
     assert targets(x, weight) == (True, False)
     assert targets(x[:, :8, :8, :8], weight) == (False, True)  # 512 voxels
-    assert targets(x, weight[:64]) == (False, True)  # 64 output channels
-    assert targets(x[:64], weight[:, :64]) == (False, True)  # 64 input channels
+    assert layers.WINOGRAD_MIN_CHANNELS == 64
+    assert targets(x, weight[:64]) == (True, False)  # 64 output channels
+    assert targets(x, weight[:32]) == (False, True)  # 32 output channels
+    assert targets(x[:32], weight[:, :32]) == (False, True)  # 32 input channels
     assert targets(x, weight, stride=2) == (False, True)
     assert targets(x, weight, numerics=layers.Numerics("onednn")) == (False, True)
     # a kernel packed for the direct convolution (at another size) stays on it: no unpacking per call
@@ -631,3 +634,59 @@ def test_an_extension_without_an_interface_version_is_not_used():
     assert onednn.interface_mismatch(object()).startswith("built from an older source")
     if onednn.available():  # the extension this checkout built speaks this module's interface
         assert onednn.interface_mismatch(onednn._library()) is None
+
+
+@pytest.mark.parametrize("cpu_isa, expected", [("AVX2", "avx2"), ("SSE41", "baseline")])
+def test_transforms_run_on_each_instruction_set(cpu_isa, expected):
+    """The Winograd and upsampling transforms are compiled once per instruction set (AVX-512,
+    AVX2, baseline SSE2) and picked from the CPU oneDNN uses: limited by ``ONEDNN_MAX_CPU_ISA``
+    (in a fresh process), each copy gives XLA's result, on full and partial blocks of 16
+    channels, edge and slab padding."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = (
+        "import json, jax, jax.numpy as jnp\n"
+        "from brain_ldm_nodes.models import layers, onednn\n"
+        "xla = layers.Numerics('xla')\n"
+        "x = jax.random.normal(jax.random.key(0), (40, 7, 6, 9))\n"
+        "w = jax.random.normal(jax.random.key(1), (20, 40, 3, 3, 3)) / 33\n"
+        "b = jax.random.normal(jax.random.key(2), (20,))\n"
+        "def err(a, r): return float(jnp.abs(a - r).max() / jnp.abs(r).max())\n"
+        "pad = ((0, 1), (1, 1), (1, 0))\n"
+        "wino = err(onednn.winograd_conv3d(x, w, b, padding=pad), layers.conv3d(x, w, b, padding=pad, numerics=xla))\n"
+        "up = layers.conv3d(layers.upsample_nearest(x), w, b, numerics=xla)\n"
+        "ups = err(onednn.upsample_conv3d(x, w, b), up)\n"
+        "last = onednn.upsample_conv3d(jnp.moveaxis(x, 0, -1), w, b, channels_last=True)\n"
+        "print(json.dumps({'isa': onednn.transform_isa(), 'winograd': wino, 'upsample': ups,\n"
+        "                  'channels_last': err(jnp.moveaxis(last, -1, 0), up)}))\n"
+    )
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": cpu_isa}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True)
+    report = json.loads(result.stdout.strip().splitlines()[-1])
+    assert report["isa"] == expected
+    assert report["winograd"] <= 4e-6 and report["upsample"] <= 4e-6 and report["channels_last"] <= 4e-6, report
+
+
+def test_channels_last_convolutions_match_channels_first():
+    """``layers.conv3d_channels_last`` (the streaming decoder's layout) gives ``conv3d``'s result
+    transposed, on each path: Winograd, oneDNN direct (a 1-channel output, as ``conv_out``), XLA."""
+    from brain_ldm_nodes.models import layers, onednn
+
+    x = jax.random.normal(jax.random.key(0), (64, 6, 24, 16))  # 1536 output voxels: Winograd's minimum is 1024
+    pad = ((0, 0), (1, 1), (1, 1))
+    for channels_out, numerics, target in ((64, layers.Numerics(), onednn.WINOGRAD_TARGET),
+                                           (1, layers.Numerics(), onednn.TARGET),
+                                           (64, layers.Numerics("xla"), None)):
+        w = jax.random.normal(jax.random.key(channels_out), (channels_out, 64, 3, 3, 3)) / 40
+        b = jax.random.normal(jax.random.key(2), (channels_out,))
+        last = jax.jit(lambda x: layers.conv3d_channels_last(x, w, b, padding=pad, numerics=numerics))
+        x_last = jnp.moveaxis(x, 0, -1)
+        hlo = last.lower(x_last).as_text()
+        if target is not None:
+            assert f"@{target}(" in hlo
+            assert "transpose" not in hlo  # the volume goes to the extension as it is
+        reference = layers.conv3d(x, w, b, padding=pad, numerics=layers.Numerics("xla"))
+        assert relative_error(jnp.moveaxis(last(x_last), -1, 0), reference) <= 4e-6

@@ -39,6 +39,7 @@
 #include <string>
 #include <tuple>
 #include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "dnnl.hpp"
@@ -351,10 +352,12 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
 // Per call the kernel is transformed into a scratch buffer (cheap next to the products). Tiles go
 // in chunks: with more than 128 channels the products take the time and run faster on many rows,
 // so chunks are large (kChunkBytes) and each step uses all threads; up to 128 channels the
-// transforms take the time (memory-bound: P/8 times the input written and read back), so each
-// thread takes whole small chunks (kFusedBytes) through transform, a single-threaded matmul
-// (oneDNN runs a call made inside a parallel region on the calling thread) and back-transform
-// while they are in its cache. Measured on AVX-512 (2 cores), Winograd, time / oneDNN direct:
+// transforms weigh more (P/8 times the input written and read back), so each thread takes whole
+// small chunks (kFusedBytes) through transform, a single-threaded matmul (oneDNN runs a call made
+// inside a parallel region on the calling thread) and back-transform while they are in its cache.
+// The transforms work on 16 channels at a time as GCC vector-extension values, compiled once
+// per instruction set (below: a scalar loop over the channels was not vectorised, and took 2-3x
+// the time of the products on 64 channels). Measured on AVX-512 (2 cores), Winograd, time / oneDNN direct:
 // 512->512 at 20x28x20 with 2, 8, 64, 256 MB chunks 0.94, 0.60, 0.53, 0.48; 128->128 at
 // 20x112x80 fused with 512 kB, 2 MB, 8 MB chunks 0.76, 0.69, 0.82 (unfused at best 0.85).
 constexpr int64_t kChunkBytes = 256 << 20;
@@ -368,6 +371,22 @@ struct TransformProblem {
   int64_t padded(int axis) const { return (axis == 0 ? d : axis == 1 ? h : w) + pads[2 * axis] + pads[2 * axis + 1]; }
 };
 
+// Sixteen channels, transformed together: one AVX-512 register, two AVX2 ones, four SSE ones
+// (GCC vector extension, lowered for the instruction set of the function it is inlined into).
+typedef float Lanes __attribute__((vector_size(kLanes * sizeof(float))));
+
+// n <= kLanes consecutive floats (kFull: exactly kLanes) <-> Lanes; the rest zero on load.
+template <bool kFull>
+__attribute__((always_inline)) inline Lanes load_lanes(const float* from, int64_t n) {
+  Lanes v = {};
+  std::memcpy(&v, from, (kFull ? kLanes : n) * sizeof(float));
+  return v;
+}
+template <bool kFull>
+__attribute__((always_inline)) inline void store_lanes(float* to, const Lanes& v, int64_t n) {
+  std::memcpy(to, &v, (kFull ? kLanes : n) * sizeof(float));
+}
+
 struct Winograd {
   static constexpr int kPoints = 64, kPatch = 4, kStep = 2;
   static int64_t tiles(const TransformProblem& p, int axis) { return (p.padded(axis) - 2 + 1) / 2; }
@@ -377,27 +396,15 @@ struct Winograd {
     const float g0 = v[0], g1 = v[s], g2 = v[2 * s];
     v[0] = g0, v[s] = 0.5f * (g0 + g1 + g2), v[2 * s] = 0.5f * (g0 - g1 + g2), v[3 * s] = g2;
   }
-  template <int64_t kN>
-  static void input_line(float (*v)[kLanes], int base, int s, int64_t n) {
-    float* v0 = v[base];
-    float* v1 = v[base + s];
-    float* v2 = v[base + 2 * s];
-    float* v3 = v[base + 3 * s];
-    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
-      const float d0 = v0[j], d1 = v1[j], d2 = v2[j], d3 = v3[j];
-      v0[j] = d0 - d2, v1[j] = d1 + d2, v2[j] = d2 - d1, v3[j] = d1 - d3;
-    }
+  // B^T d along one axis (4 values, stride s, from v[base]).
+  __attribute__((always_inline)) static void input_line(Lanes* v, int base, int s) {
+    const Lanes d0 = v[base], d1 = v[base + s], d2 = v[base + 2 * s], d3 = v[base + 3 * s];
+    v[base] = d0 - d2, v[base + s] = d1 + d2, v[base + 2 * s] = d2 - d1, v[base + 3 * s] = d1 - d3;
   }
-  template <int64_t kN>
-  static void output_line(float (*m)[kLanes], int base, int s, int64_t n) {
-    float* m0 = m[base];
-    float* m1 = m[base + s];
-    const float* m2 = m[base + 2 * s];
-    const float* m3 = m[base + 3 * s];
-    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
-      const float a0 = m0[j], a1 = m1[j], a2 = m2[j], a3 = m3[j];
-      m0[j] = a0 + a1 + a2, m1[j] = a1 - a2 - a3;
-    }
+  // A^T m along one axis: 4 values -> 2, kept in the first two slots.
+  __attribute__((always_inline)) static void output_line(Lanes* m, int base, int s) {
+    const Lanes a0 = m[base], a1 = m[base + s], a2 = m[base + 2 * s], a3 = m[base + 3 * s];
+    m[base] = a0 + a1 + a2, m[base + s] = a1 - a2 - a3;
   }
 };
 
@@ -409,25 +416,13 @@ struct Upsample {
     const float g0 = v[0], g1 = v[s], g2 = v[2 * s];
     v[0] = g0, v[s] = g0 + g1 + g2, v[2 * s] = g2;
   }
-  template <int64_t kN>
-  static void input_line(float (*v)[kLanes], int base, int s, int64_t n) {
-    float* v0 = v[base];
-    const float* v1 = v[base + s];
-    float* v2 = v[base + 2 * s];
-    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
-      const float centre = v1[j];
-      v0[j] -= centre, v2[j] -= centre;
-    }
+  __attribute__((always_inline)) static void input_line(Lanes* v, int base, int s) {
+    const Lanes centre = v[base + s];
+    v[base] -= centre, v[base + 2 * s] -= centre;
   }
-  template <int64_t kN>
-  static void output_line(float (*m)[kLanes], int base, int s, int64_t n) {
-    float* m0 = m[base];
-    float* m1 = m[base + s];
-    const float* m2 = m[base + 2 * s];
-    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) {
-      const float a1 = m1[j];
-      m0[j] += a1, m1[j] = a1 + m2[j];
-    }
+  __attribute__((always_inline)) static void output_line(Lanes* m, int base, int s) {
+    const Lanes a1 = m[base + s];
+    m[base] += a1, m[base + s] = a1 + m[base + 2 * s];
   }
 };
 
@@ -473,50 +468,56 @@ void transform_kernel(const float* kernel, int64_t channels_in, int64_t channels
 }
 
 // Input patch of tile (td, th, tw), channels [c0, c0 + n), transformed into row `row` of each of
-// the P (rows, I) matrices at `out` (zero outside the volume: the padding).
-template <class F, int64_t kN>
-inline void input_tile(const float* x, const TransformProblem& p, int64_t td, int64_t th, int64_t tw, int64_t c0,
-                       int64_t n, float* out, int64_t rows, int64_t row) {
+// the P (rows, I) matrices at `out`, `point_stride` floats apart (zero outside the volume: the
+// padding). kFull: n == kLanes.
+template <class F, bool kFull>
+__attribute__((always_inline)) inline void input_tile(const float* x, const TransformProblem& p, int64_t td,
+                                                      int64_t th, int64_t tw, int64_t c0, int64_t n, float* out,
+                                                      int64_t point_stride, int64_t row) {
   constexpr int kP = F::kPatch;
-  float v[F::kPoints][kLanes];
+  Lanes v[F::kPoints];
   for (int a = 0; a < kP; ++a) {
     const int64_t zd = F::kStep * td - p.pads[0] + a;
+    const bool inside_d = zd >= 0 && zd < p.d;
     for (int b = 0; b < kP; ++b) {
       const int64_t zh = F::kStep * th - p.pads[2] + b;
+      const bool inside_dh = inside_d && zh >= 0 && zh < p.h;
       for (int c = 0; c < kP; ++c) {
         const int64_t zw = F::kStep * tw - p.pads[4] + c;
-        float* dst = v[(a * kP + b) * kP + c];
-        if (zd >= 0 && zd < p.d && zh >= 0 && zh < p.h && zw >= 0 && zw < p.w) {
-          const float* src = x + ((zd * p.h + zh) * p.w + zw) * p.i + c0;
-          for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = src[j];
-        } else {
-          for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = 0.0f;
-        }
+        v[(a * kP + b) * kP + c] = inside_dh && zw >= 0 && zw < p.w
+                                       ? load_lanes<kFull>(x + ((zd * p.h + zh) * p.w + zw) * p.i + c0, n)
+                                       : Lanes{};
       }
     }
   }
-  for (const int s : {1, kP, kP * kP})
-    for (int line = 0; line < kP * kP; ++line) F::template input_line<kN>(v, line_base<kP>(line, s), s, n);
-  for (int point = 0; point < F::kPoints; ++point) {
-    float* dst = out + (point * rows + row) * p.i + c0;
-    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = v[point][j];
-  }
+  // along w, h, d in turn: each of the kP^2 lines of the cube along that axis
+  for (int b = 0; b < kP * kP; ++b) F::input_line(v, b * kP, 1);
+  for (int a = 0; a < kP; ++a)
+    for (int c = 0; c < kP; ++c) F::input_line(v, a * kP * kP + c, kP);
+  for (int b = 0; b < kP * kP; ++b) F::input_line(v, b, kP * kP);
+  for (int point = 0; point < F::kPoints; ++point)
+    store_lanes<kFull>(out + point * point_stride + row * p.i + c0, v[point], n);
 }
 
-// Row `row` of the P (rows, O) products, channels [c0, c0 + n), back-transformed, plus bias, into
-// the (up to) 2x2x2 outputs of tile (td, th, tw) of the channels-last result y.
-template <class F, int64_t kN>
-inline void output_tile(const float* products, const float* bias, const TransformProblem& p, int64_t td, int64_t th,
-                        int64_t tw, int64_t c0, int64_t n, float* y, int64_t rows, int64_t row) {
+// Row `row` of the P (rows, O) products (`point_stride` floats apart), channels [c0, c0 + n),
+// back-transformed, plus bias, into the (up to) 2x2x2 outputs of tile (td, th, tw) of the
+// channels-last result y.
+template <class F, bool kFull>
+__attribute__((always_inline)) inline void output_tile(const float* products, const float* bias,
+                                                       const TransformProblem& p, int64_t td, int64_t th, int64_t tw,
+                                                       int64_t c0, int64_t n, float* y, int64_t point_stride,
+                                                       int64_t row) {
   constexpr int kP = F::kPatch;
-  float m[F::kPoints][kLanes];
-  for (int point = 0; point < F::kPoints; ++point) {
-    const float* src = products + (point * rows + row) * p.o + c0;
-    for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) m[point][j] = src[j];
-  }
+  Lanes m[F::kPoints];
+  for (int point = 0; point < F::kPoints; ++point)
+    m[point] = load_lanes<kFull>(products + point * point_stride + row * p.o + c0, n);
   // kP values -> 2 along w, then h, then d (kept in the first two slots of each line)
-  for (const int s : {1, kP, kP * kP})
-    for (int line = 0; line < kP * kP; ++line) F::template output_line<kN>(m, line_base<kP>(line, s), s, n);
+  for (int b = 0; b < kP * kP; ++b) F::output_line(m, b * kP, 1);
+  for (int a = 0; a < kP; ++a)
+    for (int c = 0; c < 2; ++c) F::output_line(m, a * kP * kP + c, kP);
+  for (int b = 0; b < 2; ++b)
+    for (int c = 0; c < 2; ++c) F::output_line(m, b * kP + c, kP * kP);
+  const Lanes bias_lanes = load_lanes<kFull>(bias + c0, n);
   const int64_t out_d = F::out(p, 0), out_h = F::out(p, 1), out_w = F::out(p, 2);
   for (int a = 0; a < 2; ++a) {
     const int64_t od = 2 * td + a;
@@ -527,57 +528,134 @@ inline void output_tile(const float* products, const float* bias, const Transfor
       for (int c = 0; c < 2; ++c) {
         const int64_t ow = 2 * tw + c;
         if (ow >= out_w) continue;
-        const float* src = m[(a * kP + b) * kP + c];
-        float* dst = y + ((od * out_h + oh) * out_w + ow) * p.o + c0;
-        for (int64_t j = 0; j < (kN > 0 ? kN : n); ++j) dst[j] = src[j] + bias[c0 + j];
+        store_lanes<kFull>(y + ((od * out_h + oh) * out_w + ow) * p.o + c0, m[(a * kP + b) * kP + c] + bias_lanes, n);
       }
     }
   }
 }
 
-// The transforms of one tile (index t in d, h, w order), over all channel blocks.
+// The transforms of rows [0, rows) of a chunk whose first tile is `first` (tile index t in d, h, w
+// order), over all channel blocks.
+template <class F>
+__attribute__((always_inline)) inline void input_rows(const TransformProblem& p, int64_t tiles_h, int64_t tiles_w,
+                                                      const float* x, int64_t first, int64_t rows, float* transformed,
+                                                      int64_t point_stride) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t t = first + row, td = t / (tiles_h * tiles_w), th = (t / tiles_w) % tiles_h, tw = t % tiles_w;
+    for (int64_t c0 = 0; c0 < p.i; c0 += kLanes) {
+      if (p.i - c0 >= kLanes)
+        input_tile<F, true>(x, p, td, th, tw, c0, kLanes, transformed, point_stride, row);
+      else
+        input_tile<F, false>(x, p, td, th, tw, c0, p.i - c0, transformed, point_stride, row);
+    }
+  }
+}
+
+template <class F>
+__attribute__((always_inline)) inline void output_rows(const TransformProblem& p, int64_t tiles_h, int64_t tiles_w,
+                                                       const float* products, const float* bias, int64_t first,
+                                                       int64_t rows, float* y, int64_t point_stride) {
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t t = first + row, td = t / (tiles_h * tiles_w), th = (t / tiles_w) % tiles_h, tw = t % tiles_w;
+    for (int64_t c0 = 0; c0 < p.o; c0 += kLanes) {
+      if (p.o - c0 >= kLanes)
+        output_tile<F, true>(products, bias, p, td, th, tw, c0, kLanes, y, point_stride, row);
+      else
+        output_tile<F, false>(products, bias, p, td, th, tw, c0, p.o - c0, y, point_stride, row);
+    }
+  }
+}
+
+// One copy of the transforms per instruction set (the package is built once, for any x86-64);
+// `TileRows` calls the one for the CPU oneDNN runs on (dnnl::get_effective_cpu_isa(), so
+// ONEDNN_MAX_CPU_ISA limits both).
+#define BRAIN_LDM_TRANSFORM_CLONE(suffix, target_attribute)                                                          \
+  template <class F>                                                                                                 \
+  target_attribute void input_rows_##suffix(const TransformProblem& p, int64_t tiles_h, int64_t tiles_w,             \
+                                            const float* x, int64_t first, int64_t rows, float* transformed,         \
+                                            int64_t point_stride) {                                                  \
+    input_rows<F>(p, tiles_h, tiles_w, x, first, rows, transformed, point_stride);                                   \
+  }                                                                                                                  \
+  template <class F>                                                                                                 \
+  target_attribute void output_rows_##suffix(const TransformProblem& p, int64_t tiles_h, int64_t tiles_w,            \
+                                             const float* products, const float* bias, int64_t first, int64_t rows,  \
+                                             float* y, int64_t point_stride) {                                       \
+    output_rows<F>(p, tiles_h, tiles_w, products, bias, first, rows, y, point_stride);                               \
+  }
+BRAIN_LDM_TRANSFORM_CLONE(avx512, __attribute__((target("avx512f,avx512vl,avx512bw,avx512dq,avx2,fma"))))
+BRAIN_LDM_TRANSFORM_CLONE(avx2, __attribute__((target("avx2,fma"))))
+BRAIN_LDM_TRANSFORM_CLONE(baseline, )
+#undef BRAIN_LDM_TRANSFORM_CLONE
+
+enum class TransformIsa { kBaseline, kAvx2, kAvx512 };
+
+TransformIsa transform_isa() {
+  static const TransformIsa isa = [] {
+    const dnnl::cpu_isa effective = dnnl::get_effective_cpu_isa();
+    if (effective == dnnl::cpu_isa::avx512_core || effective == dnnl::cpu_isa::avx512_core_vnni ||
+        effective == dnnl::cpu_isa::avx512_core_bf16 || effective == dnnl::cpu_isa::avx512_core_fp16 ||
+        effective == dnnl::cpu_isa::avx512_core_amx || effective == dnnl::cpu_isa::avx512_core_amx_fp16)
+      return TransformIsa::kAvx512;
+    if (effective == dnnl::cpu_isa::avx2 || effective == dnnl::cpu_isa::avx2_vnni ||
+        effective == dnnl::cpu_isa::avx2_vnni_2)
+      return TransformIsa::kAvx2;
+    return TransformIsa::kBaseline;
+  }();
+  return isa;
+}
+
+// This thread's contiguous share [lo, hi) of n rows (inside a parallel region).
+std::pair<int64_t, int64_t> thread_share(int64_t n) {
+  const int64_t me = omp_get_thread_num(), team = omp_get_num_threads();
+  return {n * me / team, n * (me + 1) / team};
+}
+
+// The transforms of a problem's tiles, on this CPU's instruction set.
 template <class F>
 struct TileRows {
   const TransformProblem& p;
   int64_t tiles_h, tiles_w;
-  void input(const float* x, int64_t t, float* transformed, int64_t rows, int64_t row) const {
-    const int64_t td = t / (tiles_h * tiles_w), th = (t / tiles_w) % tiles_h, tw = t % tiles_w;
-    for (int64_t c0 = 0; c0 < p.i; c0 += kLanes) {
-      if (p.i - c0 >= kLanes)
-        input_tile<F, kLanes>(x, p, td, th, tw, c0, kLanes, transformed, rows, row);
-      else
-        input_tile<F, 0>(x, p, td, th, tw, c0, p.i - c0, transformed, rows, row);
+  TransformIsa isa = transform_isa();
+  void input(const float* x, int64_t first, int64_t rows, float* transformed, int64_t point_stride) const {
+    switch (isa) {
+      case TransformIsa::kAvx512: return input_rows_avx512<F>(p, tiles_h, tiles_w, x, first, rows, transformed, point_stride);
+      case TransformIsa::kAvx2: return input_rows_avx2<F>(p, tiles_h, tiles_w, x, first, rows, transformed, point_stride);
+      default: return input_rows_baseline<F>(p, tiles_h, tiles_w, x, first, rows, transformed, point_stride);
     }
   }
-  void output(const float* products, const float* bias, int64_t t, float* y, int64_t rows, int64_t row) const {
-    const int64_t td = t / (tiles_h * tiles_w), th = (t / tiles_w) % tiles_h, tw = t % tiles_w;
-    for (int64_t c0 = 0; c0 < p.o; c0 += kLanes) {
-      if (p.o - c0 >= kLanes)
-        output_tile<F, kLanes>(products, bias, p, td, th, tw, c0, kLanes, y, rows, row);
-      else
-        output_tile<F, 0>(products, bias, p, td, th, tw, c0, p.o - c0, y, rows, row);
+  void output(const float* products, const float* bias, int64_t first, int64_t rows, float* y,
+              int64_t point_stride) const {
+    switch (isa) {
+      case TransformIsa::kAvx512:
+        return output_rows_avx512<F>(p, tiles_h, tiles_w, products, bias, first, rows, y, point_stride);
+      case TransformIsa::kAvx2:
+        return output_rows_avx2<F>(p, tiles_h, tiles_w, products, bias, first, rows, y, point_stride);
+      default: return output_rows_baseline<F>(p, tiles_h, tiles_w, products, bias, first, rows, y, point_stride);
     }
   }
 };
 
-// Batched matmul (P, rows, I) @ (P, I, O) -> (P, rows, O), one per distinct (P, rows, I, O). Its
-// scratchpad is the caller's (scratchpad_mode::user): threads run the same primitive at once.
+// Batched matmul (P, rows, I) @ (P, I, O) -> (P, rows, O), one per distinct shape and point
+// strides. Its scratchpad is the caller's (scratchpad_mode::user): threads run the same primitive
+// at once.
 struct PointMatmul {
   dnnl::matmul primitive;
+  dnnl::memory::desc src, weights, dst;
   size_t scratchpad_bytes = 0;
 };
 
-// Caller holds call_mutex() (the map may grow).
-PointMatmul& point_matmul(int64_t points, int64_t rows, int64_t i, int64_t o) {
-  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t>, PointMatmul> cache;
-  auto& slot = cache[{points, rows, i, o}];
+// The transformed tiles and the products are P matrices of `rows` rows each, `in_stride` and
+// `out_stride` floats apart. Caller holds call_mutex() (the map may grow).
+PointMatmul& point_matmul(int64_t points, int64_t rows, int64_t i, int64_t o, int64_t in_stride, int64_t out_stride) {
+  static std::map<std::tuple<int64_t, int64_t, int64_t, int64_t, int64_t, int64_t>, PointMatmul> cache;
+  auto& slot = cache[{points, rows, i, o, in_stride, out_stride}];
   if (!slot.primitive) {
-    const dnnl::memory::desc src({points, rows, i}, dt::f32, tag::abc);
-    const dnnl::memory::desc weights({points, i, o}, dt::f32, tag::abc);
-    const dnnl::memory::desc dst({points, rows, o}, dt::f32, tag::abc);
+    slot.src = dnnl::memory::desc({points, rows, i}, dt::f32, {in_stride, i, 1});
+    slot.weights = dnnl::memory::desc({points, i, o}, dt::f32, tag::abc);
+    slot.dst = dnnl::memory::desc({points, rows, o}, dt::f32, {out_stride, o, 1});
     dnnl::primitive_attr attributes;
     attributes.set_scratchpad_mode(dnnl::scratchpad_mode::user);
-    const dnnl::matmul::primitive_desc pd(engine(), src, weights, dst, attributes);
+    const dnnl::matmul::primitive_desc pd(engine(), slot.src, slot.weights, slot.dst, attributes);
     slot.primitive = dnnl::matmul(pd);
     slot.scratchpad_bytes = pd.scratchpad_desc().get_size();
   }
@@ -585,13 +663,11 @@ PointMatmul& point_matmul(int64_t points, int64_t rows, int64_t i, int64_t o) {
 }
 
 // `scratchpad`: at least the matmul's scratchpad_bytes, used by this call only.
-void run_point_matmul(dnnl::stream& stream, const PointMatmul& matmul, int64_t points, int64_t rows,
-                      const TransformProblem& p, float* transformed, float* kernel, float* products,
-                      void* scratchpad) {
-  dnnl::memory src({{points, rows, p.i}, dt::f32, tag::abc}, engine(), transformed);
-  dnnl::memory weights({{points, p.i, p.o}, dt::f32, tag::abc}, engine(), kernel);
-  dnnl::memory dst({{points, rows, p.o}, dt::f32, tag::abc}, engine(), products);
-  std::unordered_map<int, dnnl::memory> arguments{{DNNL_ARG_SRC, src}, {DNNL_ARG_WEIGHTS, weights}, {DNNL_ARG_DST, dst}};
+void run_point_matmul(dnnl::stream& stream, const PointMatmul& matmul, float* transformed, float* kernel,
+                      float* products, void* scratchpad) {
+  std::unordered_map<int, dnnl::memory> arguments{{DNNL_ARG_SRC, dnnl::memory(matmul.src, engine(), transformed)},
+                                                  {DNNL_ARG_WEIGHTS, dnnl::memory(matmul.weights, engine(), kernel)},
+                                                  {DNNL_ARG_DST, dnnl::memory(matmul.dst, engine(), products)}};
   if (matmul.scratchpad_bytes > 0)
     arguments[DNNL_ARG_SCRATCHPAD] =
         dnnl::memory({{static_cast<int64_t>(matmul.scratchpad_bytes)}, dt::u8, tag::a}, engine(), scratchpad);
@@ -639,21 +715,25 @@ ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buf
     transform_kernel<F>(weight.typed_data(), p.i, p.o, kernel);
     clock.lap(kWeights);
     // the two matmul shapes every chunk uses (all chunks but the last have `chunk` rows), and the
-    // buffers: per thread when fused, else one set shared by the threads of each step
-    const PointMatmul& full = point_matmul(points, chunk, p.i, p.o);
-    const PointMatmul& tail = point_matmul(points, tiles % chunk ? tiles % chunk : chunk, p.i, p.o);
+    // buffers: per thread when fused, else one set shared by the threads of each step. (Padding
+    // the P matrices apart, against cache-set conflicts, was measured: oneDNN 3.2 then leaves
+    // its brgemm matmul for a slower one.)
+    const int64_t in_stride = chunk * p.i, out_stride = chunk * p.o;
+    const PointMatmul& full = point_matmul(points, chunk, p.i, p.o, in_stride, out_stride);
+    const PointMatmul& tail =
+        point_matmul(points, tiles % chunk ? tiles % chunk : chunk, p.i, p.o, in_stride, out_stride);
     const size_t pad_bytes = std::max<size_t>({full.scratchpad_bytes, tail.scratchpad_bytes, 64});
     const int threads = omp_get_max_threads();
     const int64_t chunks = (tiles + chunk - 1) / chunk;
-    const int64_t per_thread = points * chunk * (p.i + p.o) + static_cast<int64_t>((pad_bytes + 63) / 64 * 16);
+    const int64_t per_thread = points * (in_stride + out_stride) + static_cast<int64_t>((pad_bytes + 63) / 64 * 16);
     float* buffers = nullptr;
     float *transformed = nullptr, *products = nullptr;
     void* scratchpad = nullptr;
     if (fused) {
       buffers = static_cast<float*>(scratch_transform_in.get(threads * per_thread * sizeof(float)));
     } else {
-      transformed = static_cast<float*>(scratch_transform_in.get(points * chunk * p.i * sizeof(float)));
-      products = static_cast<float*>(scratch_transform_products.get(points * chunk * p.o * sizeof(float)));
+      transformed = static_cast<float*>(scratch_transform_in.get(points * in_stride * sizeof(float)));
+      products = static_cast<float*>(scratch_transform_products.get(points * out_stride * sizeof(float)));
       scratchpad = scratch_transform_pad.get(pad_bytes);
     }
     for (int64_t e = 0; e < batch; ++e) {
@@ -666,17 +746,15 @@ ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buf
         {
           const int me = omp_get_thread_num(), team = omp_get_num_threads();
           float* thread_in = buffers + me * per_thread;
-          float* thread_products = thread_in + points * chunk * p.i;
-          float* thread_pad = thread_products + points * chunk * p.o;
+          float* thread_products = thread_in + points * in_stride;
+          float* thread_pad = thread_products + points * out_stride;
           try {
             dnnl::stream local(engine());
             for (int64_t c = me; c < chunks; c += team) {
               const int64_t first = c * chunk, rows = std::min(chunk, tiles - first);
-              for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, thread_in, rows, row);
-              run_point_matmul(local, rows == chunk ? full : tail, points, rows, p, thread_in, kernel,
-                               thread_products, thread_pad);
-              for (int64_t row = 0; row < rows; ++row)
-                tile_rows.output(thread_products, bias_e, first + row, y_e, rows, row);
+              tile_rows.input(x_e, first, rows, thread_in, in_stride);
+              run_point_matmul(local, rows == chunk ? full : tail, thread_in, kernel, thread_products, thread_pad);
+              tile_rows.output(thread_products, bias_e, first, rows, y_e, out_stride);
             }
           } catch (const dnnl::error&) {
 #pragma omp atomic write
@@ -688,15 +766,19 @@ ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buf
       } else {
         for (int64_t first = 0; first < tiles; first += chunk) {
           const int64_t rows = std::min(chunk, tiles - first);
-#pragma omp parallel for schedule(static)
-          for (int64_t row = 0; row < rows; ++row) tile_rows.input(x_e, first + row, transformed, rows, row);
+#pragma omp parallel
+          {
+            const auto [lo, hi] = thread_share(rows);
+            tile_rows.input(x_e, first + lo, hi - lo, transformed + lo * p.i, in_stride);
+          }
           clock.lap(kSrc);
-          run_point_matmul(stream, rows == chunk ? full : tail, points, rows, p, transformed, kernel, products,
-                           scratchpad);
+          run_point_matmul(stream, rows == chunk ? full : tail, transformed, kernel, products, scratchpad);
           clock.lap(kConv);
-#pragma omp parallel for schedule(static)
-          for (int64_t row = 0; row < rows; ++row)
-            tile_rows.output(products, bias_e, first + row, y_e, rows, row);
+#pragma omp parallel
+          {
+            const auto [lo, hi] = thread_share(rows);
+            tile_rows.output(products + lo * p.o, bias_e, first + lo, hi - lo, y_e, out_stride);
+          }
           clock.lap(kDst);
         }
       }
@@ -762,10 +844,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmUpsampleConv3d, UpsampleConv3d, BRAIN_LDM_
 // The version of this file's interface (handler attributes, exported functions). The Python side
 // (models/onednn.py, INTERFACE_VERSION) refuses an extension built from another version, e.g. a
 // stale build left in a source checkout, and runs on XLA instead. Bump both on any change.
-extern "C" int brain_ldm_onednn_interface_version() { return 4; }
+extern "C" int brain_ldm_onednn_interface_version() { return 5; }
 
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }
+
+// The instruction set of the Winograd / upsampling transforms: "avx512", "avx2" or "baseline".
+extern "C" const char* brain_ldm_onednn_transform_isa() {
+  switch (transform_isa()) {
+    case TransformIsa::kAvx512: return "avx512";
+    case TransformIsa::kAvx2: return "avx2";
+    default: return "baseline";
+  }
+}
 
 // Frees the scratch buffers (they grow back on the next call), e.g. between sampling and decoding.
 extern "C" void brain_ldm_onednn_release_scratch() {

@@ -149,10 +149,11 @@ class Conv3d(eqx.Module):
 #: this and the output has at least :data:`WINOGRAD_MIN_VOXELS` voxels. Measured on AVX-512
 #: (2 cores), time ÷ oneDNN's direct convolution: 0.48–0.58 on the U-Net's 20×28×20 level
 #: (256–768 channels), 0.71–0.73 at 10×14×10 (512–1280), 2.4 at 5×7×5 (products too small to pay
-#: for transforming the kernel on every call: excluded by the voxel count), 0.69–0.74 on the
-#: autoencoder's 128→128 at 1/2 resolution, 0.92–0.96 on 128→64 and 1.1–1.2 on 64→64 (excluded:
-#: the transforms are memory-bound there).
-WINOGRAD_MIN_CHANNELS = 128
+#: for transforming the kernel on every call: excluded by the voxel count); on the autoencoder's
+#: full-resolution slabs 0.51 (128→128 at 1/2 resolution), 0.64 (128→64), 0.74 (64→64), with
+#: the transposes of a channels-first volume (channels-last, as the streaming decoder calls
+#: them: ≈ 0.55–0.6 on 64 channels).
+WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_VOXELS = 1024
 #: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
@@ -189,17 +190,16 @@ def conv3d(
     voxels = math.prod(x.shape[1:])
     name = numerics.implementation
     pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
-    if name in ("auto", "onednn"):
-        if not pointwise and numerics.operand_dtype == "float32" and onednn.available():
-            # a kernel already packed for the direct convolution (another input size) stays on it
-            if (name == "auto" and not isinstance(weight, onednn.PackedKernel)
-                    and _winograd_wins(weight, x.shape[1:], stride, padding)):
-                return onednn.winograd_conv3d(x, weight, bias, padding=padding)
-            blocked = True
-            recorder = _PACKING.get()
-            if recorder is not None and not isinstance(weight, onednn.PackedKernel):
-                recorder.setdefault(id(weight), (weight, tuple(x.shape[1:]), stride, padding, blocked))
-            return onednn.conv3d(x, weight, bias, stride=stride, padding=padding, blocked=blocked)
+    route = _extension_route(weight, x.shape[1:], stride, padding, numerics)
+    if route == "winograd":
+        return onednn.winograd_conv3d(x, weight, bias, padding=padding)
+    if route == "direct":
+        blocked = True
+        recorder = _PACKING.get()
+        if recorder is not None and not isinstance(weight, onednn.PackedKernel):
+            recorder.setdefault(id(weight), (weight, tuple(x.shape[1:]), stride, padding, blocked))
+        return onednn.conv3d(x, weight, bias, stride=stride, padding=padding, blocked=blocked)
+    if name == "onednn":
         name = "auto"
     if isinstance(weight, onednn.PackedKernel):
         weight = onednn.unpack(weight)
@@ -220,6 +220,44 @@ def conv3d(
                                   if bias is None else bias)
     out = {"xla": _conv_xla, "planes": _conv_planes, "matmul": _conv_matmul}[name](x_in, weight_in, stride, padding)
     return out if bias is None else out + bias[:, None, None, None]
+
+
+def _extension_route(weight: Array | onednn.PackedKernel, spatial: tuple[int, ...], stride: int,
+                     padding: Padding, numerics: Numerics) -> str | None:
+    """How :func:`conv3d` evaluates a convolution in the oneDNN extension: ``"winograd"``,
+    ``"direct"``, or ``None`` (not there: XLA)."""
+    pointwise = tuple(weight.shape[2:]) == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
+    if (numerics.implementation not in ("auto", "onednn") or pointwise or numerics.operand_dtype != "float32"
+            or not onednn.available()):
+        return None
+    # a kernel already packed for the direct convolution (another input size) stays on it
+    if (numerics.implementation == "auto" and not isinstance(weight, onednn.PackedKernel)
+            and _winograd_wins(weight, spatial, stride, padding)):
+        return "winograd"
+    return "direct"
+
+
+def conv3d_channels_last(
+    x: Float[Array, "d h w in"],
+    weight: Float[Array, "out in kd kh kw"],
+    bias: Float[Array, " out"] | None = None,
+    *,
+    padding: Padding = ((1, 1),) * 3,
+    numerics: Numerics = DEFAULT_NUMERICS,
+) -> Float[Array, "d2 h2 w2 out"]:
+    """:func:`conv3d` (stride 1) of a channels-last ``(D, H, W, I)`` volume → ``(D', H', W', O)``.
+
+    In the extension the volume is passed as it is (its Winograd and upsampling kernels work
+    channels-last; its direct convolution reorders inside the call), so a network kept
+    channels-last pays no transposes around its convolutions; elsewhere :func:`conv3d` runs on
+    the transposed volume."""
+    route = _extension_route(weight, x.shape[:3], 1, padding, numerics)
+    if route == "winograd":
+        return onednn.winograd_conv3d(x, weight, bias, padding=padding, channels_last=True)
+    if route == "direct":
+        return onednn.conv3d(x, _plain(weight), bias, stride=1, padding=padding, channels_last=True)
+    channels_first = conv3d(jnp.moveaxis(x, -1, 0), weight, bias, padding=padding, numerics=numerics)
+    return jnp.moveaxis(channels_first, 0, -1)
 
 
 def _winograd_wins(weight: Array, spatial: tuple[int, ...], stride: int, padding: Padding) -> bool:
@@ -439,16 +477,16 @@ def subpixel_weights(weight: Float[Array, "out in 3 3 3"]) -> Float[Array, "8*ou
 
 
 #: Fewest output channels for which ``"auto"`` uses the 27-product upsampling (see :func:`upsample_in_extension`).
-UPSAMPLE_MIN_CHANNELS_OUT = 128
+UPSAMPLE_MIN_CHANNELS_OUT = 64
 
 
 def upsample_in_extension(numerics: Numerics, channels_out: int) -> bool:
     """Whether ``"auto"`` evaluates an upsample-then-3×3×3 convolution with ``channels_out``
     outputs by the extension's 27-product form (:func:`~brain_ldm_nodes.models.onednn.upsample_conv3d`)
-    rather than the sub-pixel one: on CPU with the extension, float32, ≥ 128 outputs. Measured
+    rather than the sub-pixel one: on CPU with the extension, float32, ≥ 64 outputs. Measured
     on AVX-512 (2 cores, ``bench/conv_layouts.py``), time ÷ the sub-pixel form on oneDNN: 0.56
-    (U-Net 512 channels, 10×14×10), 0.44 (768, 5×7×5), 0.92–0.95 (autoencoder 128 → 128), but 1.1
-    for 128 → 64 (the streaming decoder's folded skip: left in sub-pixel form)."""
+    (U-Net 512 channels, 10×14×10), 0.44 (768, 5×7×5), 0.72–0.74 (autoencoder 128 → 128), 0.79
+    (the streaming decoder's folded 128 → 64 skip)."""
     return (numerics.implementation == "auto" and numerics.operand_dtype == "float32"
             and channels_out >= UPSAMPLE_MIN_CHANNELS_OUT and onednn.available())
 

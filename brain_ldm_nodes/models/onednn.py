@@ -45,7 +45,7 @@ UPSAMPLE_TARGET = "brain_ldm_upsample_conv3d"
 DISABLE_VARIABLE = "BRAIN_LDM_NODES_ONEDNN"
 #: ``brain_ldm_onednn_interface_version()`` of the handler this module speaks to; an extension
 #: built from another version of ``csrc/onednn_conv3d.cc`` is not used.
-INTERFACE_VERSION = 4
+INTERFACE_VERSION = 5
 
 
 def _extension_path() -> Path | None:
@@ -94,6 +94,7 @@ def _library() -> ctypes.CDLL | None:
     jax.ffi.register_ffi_target(WINOGRAD_TARGET, jax.ffi.pycapsule(library.BrainLdmWinogradConv3d), platform="cpu")
     jax.ffi.register_ffi_target(UPSAMPLE_TARGET, jax.ffi.pycapsule(library.BrainLdmUpsampleConv3d), platform="cpu")
     library.brain_ldm_onednn_max_threads.restype = ctypes.c_int
+    library.brain_ldm_onednn_transform_isa.restype = ctypes.c_char_p
     library.brain_ldm_onednn_cached_plans.restype = ctypes.c_int64
     library.brain_ldm_onednn_packed_floats.restype = ctypes.c_int64
     library.brain_ldm_onednn_packed_floats.argtypes = [ctypes.c_void_p]
@@ -125,6 +126,14 @@ def threads() -> int:
     """OpenMP threads oneDNN uses (``OMP_NUM_THREADS``); 0 without the extension."""
     library = _library()
     return 0 if library is None else int(library.brain_ldm_onednn_max_threads())
+
+
+def transform_isa() -> str:
+    """Instruction set the extension's Winograd and upsampling transforms run on: ``"avx512"``,
+    ``"avx2"`` or ``"baseline"`` (SSE2), one compiled copy each, picked from the CPU oneDNN
+    uses (so ``ONEDNN_MAX_CPU_ISA`` limits both); ``""`` without the extension."""
+    library = _library()
+    return "" if library is None else library.brain_ldm_onednn_transform_isa().decode()
 
 
 def release_scratch() -> None:
@@ -263,40 +272,44 @@ def conv3d(
     stride: int,
     padding: Padding,
     blocked: bool = True,
+    channels_last: bool = False,
 ) -> Float[Array, "out d2 h2 w2"]:
     """Cross-correlation of one ``(I, D, H, W)`` float32 volume with an ``(O, I, kD, kH, kW)``
     kernel (plain, or a :class:`PackedKernel`) plus ``bias``, by oneDNN (layouts as
     :func:`~brain_ldm_nodes.models.layers.conv3d`).
 
     ``blocked``: oneDNN's preferred blocked activation layout (nCdhw16c on AVX-512), reordered
-    from and to the plain one inside the call; else channels-last (ndhwc). Works under
+    from and to the given one inside the call; else oneDNN works on channels-last (ndhwc).
+    ``channels_last``: ``x`` is ``(D, H, W, I)`` and the result ``(D', H', W', O)``. Works under
     :func:`jax.jit` and :func:`jax.vmap` (a batch of volumes is one oneDNN call; the kernel
     must not be batched). Requires :func:`available`.
     """
     if _library() is None:
         raise RuntimeError("the oneDNN extension is not available")
     channels_out = weight.shape[0]
-    out_shape = _out_shape(x.shape[1:], weight.shape[2:], stride, padding)
+    spatial = x.shape[:3] if channels_last else x.shape[1:]
+    out_shape = _out_shape(spatial, weight.shape[2:], stride, padding)
     if bias is None:
         bias = jnp.zeros((channels_out,), jnp.float32)
     if isinstance(weight, PackedKernel):
         kernel, packed_for = weight.data, np.asarray(weight.problem, np.int64)
     else:
         kernel, packed_for = weight.astype(jnp.float32), np.zeros((0,), np.int64)
-    call = jax.ffi.ffi_call(
-        TARGET, jax.ShapeDtypeStruct((1, channels_out, *out_shape), jnp.float32), vmap_method="expand_dims")
+    result = (1, *out_shape, channels_out) if channels_last else (1, channels_out, *out_shape)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(result, jnp.float32), vmap_method="expand_dims")
     (d_lo, d_hi), (h_lo, h_hi), (w_lo, w_hi) = padding
     out = call(x[None].astype(jnp.float32), kernel, bias.astype(jnp.float32),
                stride=int(stride), pad_d_lo=int(d_lo), pad_d_hi=int(d_hi), pad_h_lo=int(h_lo),
                pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi), blocked=bool(blocked),
-               channels_last=False, packed_for=packed_for)
+               channels_last=bool(channels_last), packed_for=packed_for)
     return out[0]
 
 
 def _transformed_conv3d(target: str, x: Array, weight: Array, bias: Array | None, padding: Padding,
-                        out_shape: tuple[int, ...]) -> Array:
-    """One of the extension's transformed 3×3×3 convolutions (``csrc/onednn_conv3d.cc``):
-    ``x`` relaid out channels-last for the call, the result back to channels-first."""
+                        out_shape: tuple[int, ...], channels_last: bool) -> Array:
+    """One of the extension's transformed 3×3×3 convolutions (``csrc/onednn_conv3d.cc``), which
+    work on channels-last volumes: a channels-first ``x`` is relaid out for the call and the
+    result back."""
     if _library() is None:
         raise RuntimeError("the oneDNN extension is not available")
     if tuple(weight.shape[2:]) != (3, 3, 3) or any(p not in (0, 1) for pair in padding for p in pair):
@@ -307,10 +320,10 @@ def _transformed_conv3d(target: str, x: Array, weight: Array, bias: Array | None
     call = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((1, *out_shape, channels_out), jnp.float32),
                             vmap_method="expand_dims")
     (d_lo, d_hi), (h_lo, h_hi), (w_lo, w_hi) = padding
-    channels_last = jnp.transpose(x.astype(jnp.float32), (1, 2, 3, 0))[None]
-    out = call(channels_last, weight.astype(jnp.float32), bias.astype(jnp.float32), pad_d_lo=int(d_lo),
+    x_last = x.astype(jnp.float32) if channels_last else jnp.transpose(x.astype(jnp.float32), (1, 2, 3, 0))
+    out = call(x_last[None], weight.astype(jnp.float32), bias.astype(jnp.float32), pad_d_lo=int(d_lo),
                pad_d_hi=int(d_hi), pad_h_lo=int(h_lo), pad_h_hi=int(h_hi), pad_w_lo=int(w_lo), pad_w_hi=int(w_hi))
-    return jnp.transpose(out[0], (3, 0, 1, 2))
+    return out[0] if channels_last else jnp.transpose(out[0], (3, 0, 1, 2))
 
 
 def winograd_conv3d(
@@ -319,14 +332,17 @@ def winograd_conv3d(
     bias: Float[Array, " out"] | None,
     *,
     padding: Padding,
+    channels_last: bool = False,
 ) -> Float[Array, "out d2 h2 w2"]:
     """3×3×3 convolution, stride 1, zero ``padding`` 0 or 1 per side, by Winograd F(2×2×2, 3×3×3)
     in the extension: input and output transforms in C++ on channels-last tiles, the 64 products
     summed over input channels as batched oneDNN matrix products; 3.4× fewer multiplies than the
-    direct convolution. Same arguments and layouts as :func:`conv3d` (a plain kernel only);
-    works under :func:`jax.jit` and :func:`jax.vmap`."""
+    direct convolution. Same arguments and layouts as :func:`conv3d` (a plain kernel only;
+    ``channels_last``: ``(D, H, W, I) -> (D', H', W', O)``, the extension's own layout, no
+    transposes); works under :func:`jax.jit` and :func:`jax.vmap`."""
+    spatial = x.shape[:3] if channels_last else x.shape[1:]
     return _transformed_conv3d(WINOGRAD_TARGET, x, weight, bias, padding,
-                               _out_shape(x.shape[1:], (3, 3, 3), 1, padding))
+                               _out_shape(spatial, (3, 3, 3), 1, padding), channels_last)
 
 
 def upsample_conv3d(
@@ -335,6 +351,7 @@ def upsample_conv3d(
     bias: Float[Array, " out"] | None,
     *,
     padding: Padding = ((1, 1),) * 3,
+    channels_last: bool = False,
 ) -> Float[Array, "out d2 h2 w2"]:
     """``conv3d(upsample_nearest(x), weight, bias)`` with zero padding 1 (of the upsampled
     volume), without forming the upsampled volume: along each axis outputs ``2i, 2i+1`` are
@@ -343,6 +360,7 @@ def upsample_conv3d(
 
     ``padding``: zero padding of ``x`` per side, 0 or 1 (1: the volume's edge; 0: a slab whose
     neighbouring rows are included in ``x``). → ``(O, 2 (d + lo + hi - 2), …)``. Same
-    conventions as :func:`winograd_conv3d`."""
-    out_shape = tuple(2 * (size + lo + hi - 2) for size, (lo, hi) in zip(x.shape[1:], padding))
-    return _transformed_conv3d(UPSAMPLE_TARGET, x, weight, bias, padding, out_shape)
+    conventions as :func:`winograd_conv3d`, ``channels_last`` too."""
+    spatial = x.shape[:3] if channels_last else x.shape[1:]
+    out_shape = tuple(2 * (size + lo + hi - 2) for size, (lo, hi) in zip(spatial, padding))
+    return _transformed_conv3d(UPSAMPLE_TARGET, x, weight, bias, padding, out_shape, channels_last)
