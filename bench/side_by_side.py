@@ -4,7 +4,7 @@ shared, loaded machine (the 1-minute load average is recorded with every timed c
 
     python bench/side_by_side.py --workdir /tmp/brain-ldm-bench --repeats 3
 
-Uses the checkpoints ``bench/benchmark.py`` prepares (MONAI networks at the released
+Uses (and writes, if missing) the checkpoints ``bench/benchmark.py`` prepares (MONAI networks at the released
 architecture with random weights; ours loaded from their conversion with
 ``BrainLDM.from_pretrained``, as users do). Each repeat times ours then MONAI's call back to
 back, so both see the same load; the figure is the median of the per-pair ratios. Also prints
@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -49,6 +50,10 @@ def main() -> None:
     cond = np.array([[1.0, 0.7, 0.7, 0.5]], np.float32)
     results: dict = {"cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                      "onednn": onednn.available(), "onednn_threads": onednn.threads(), "figures": {}}
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from benchmark import prepare
+
+    prepare(args.workdir)  # the same checkpoints as bench/benchmark.py, written once
     model = BrainLDM.from_pretrained(args.workdir / "converted" / "brain_ldm.1")
 
     def pairs(ours, theirs, compare) -> dict:

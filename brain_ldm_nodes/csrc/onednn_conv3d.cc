@@ -1,6 +1,7 @@
 // 3-D convolutions (float32, forward, bias fused) on oneDNN, as XLA FFI handlers for jax.jit on CPU:
 //   BrainLdmOnednnConv3d   oneDNN's direct convolution (below);
-//   BrainLdmWinogradConv3d a 3x3x3 convolution by Winograd F(2x2x2, 3x3x3), and
+//   BrainLdmWinogradConv3d a 3x3x3 convolution by Winograd F(2x2x2, 3x3x3),
+//   BrainLdmWinograd4Conv3d the same by Winograd F(4x4x4, 3x3x3), and
 //   BrainLdmUpsampleConv3d nearest x2 upsampling then a 3x3x3 convolution in 27 products per 8
 //                          outputs: transforms here, channel sums as oneDNN matmuls ("Transformed
 //                          convolutions" below).
@@ -330,8 +331,8 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
 }
 
 
-// ---- Transformed convolutions: Winograd F(2x2x2, 3x3x3) and upsample-then-3x3x3 ------------------
-// Both compute y = A^T [ (G g G^T) (.) (B^T d B) ] A along each axis on tiles of 2x2x2 outputs, on
+// ---- Transformed convolutions: Winograd F(2x2x2, 3x3x3), F(4x4x4, 3x3x3), upsample-then-3x3x3 ----
+// All compute y = A^T [ (G g G^T) (.) (B^T d B) ] A along each axis on tiles of 2^3 (4^3) outputs, on
 // channels-last volumes: an input patch is transformed into P points per channel, the P element-wise
 // products summed over input channels are P matrix products (tiles x I) @ (I x O), and each output
 // tile is a back-transform of its P products. Transforms are additions only (and halves, in G).
@@ -340,6 +341,11 @@ ffi::Error Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Bu
 //   side. 4x4x4 input patches at stride 2, P = 64: 64 multiplies per 8 outputs instead of 216.
 //   B^T = [1 0 -1 0; 0 1 1 0; 0 -1 1 0; 0 1 0 -1], G = [1 0 0; .5 .5 .5; .5 -.5 .5; 0 0 1],
 //   A^T = [1 1 1 0; 0 1 -1 -1].
+// * Winograd F(4,3): 6x6x6 patches at stride 4, P = 216: 216 multiplies per 64 outputs instead of
+//   1728 (struct Winograd4 has its matrices). Its transforms (entries up to 5 and down to 1/24)
+//   amplify float32 rounding: up to ~4e-5 relative per convolution against ~6e-7 for F(2,3), so
+//   Python uses it only where it pays most, on <= 64 output channels (the autoencoder's
+//   full-resolution level: time / oneDNN direct 0.42 instead of 0.71 for F(2,3), AVX2).
 // * Upsampling: conv3x3x3(nearest_x2(x)), zero padding 1 (of the upsampled volume), without
 //   forming the upsampled volume. Along one axis, outputs 2i and 2i+1 read x[i-1], x[i], x[i+1]:
 //   y(2i) = w0 x[i-1] + (w1+w2) x[i] = w0 (x[i-1]-x[i]) + (w0+w1+w2) x[i] and
@@ -388,7 +394,7 @@ __attribute__((always_inline)) inline void store_lanes(float* to, const Lanes& v
 }
 
 struct Winograd {
-  static constexpr int kPoints = 64, kPatch = 4, kStep = 2;
+  static constexpr int kPoints = 64, kPatch = 4, kStep = 2, kOut = 2;
   static int64_t tiles(const TransformProblem& p, int axis) { return (p.padded(axis) - 2 + 1) / 2; }
   static int64_t out(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
   // G g along one axis: 3 values -> 4 (in place in `v`, stride between values `s`).
@@ -408,8 +414,45 @@ struct Winograd {
   }
 };
 
+// Winograd F(4x4x4, 3x3x3): 6x6x6 patches at stride 4, P = 216 per 64 outputs (3.4 multiplies per
+// output instead of 8); interpolation points 0, 1, -1, 2, -2 and infinity (Lavin & Gray 2016):
+//   B^T = [4 0 -5 0 1 0; 0 -4 -4 1 1 0; 0 4 -4 -1 1 0; 0 -2 -1 2 1 0; 0 2 -1 -2 1 0; 0 4 0 -5 0 1],
+//   G = [1/4 0 0; -1/6 -1/6 -1/6; -1/6 1/6 -1/6; 1/24 1/12 1/6; 1/24 -1/12 1/6; 0 0 1],
+//   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
+struct Winograd4 {
+  static constexpr int kPoints = 216, kPatch = 6, kStep = 4, kOut = 4;
+  static int64_t tiles(const TransformProblem& p, int axis) { return (p.padded(axis) - 2 + 3) / 4; }
+  static int64_t out(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
+  static void kernel_line(float* v, int s) {
+    const float g0 = v[0], g1 = v[s], g2 = v[2 * s];
+    v[0] = g0 / 4, v[s] = -(g0 + g1 + g2) / 6, v[2 * s] = -(g0 - g1 + g2) / 6;
+    v[3 * s] = g0 / 24 + g1 / 12 + g2 / 6, v[4 * s] = g0 / 24 - g1 / 12 + g2 / 6, v[5 * s] = g2;
+  }
+  __attribute__((always_inline)) static void input_line(Lanes* v, int base, int s) {
+    const Lanes d0 = v[base], d1 = v[base + s], d2 = v[base + 2 * s], d3 = v[base + 3 * s],
+                d4 = v[base + 4 * s], d5 = v[base + 5 * s];
+    const Lanes d4_minus_4d2 = d4 - 4 * d2, d3_minus_4d1 = d3 - 4 * d1, d4_minus_d2 = d4 - d2,
+                twice_d3_minus_d1 = 2 * (d3 - d1);
+    v[base] = 4 * d0 - 5 * d2 + d4;
+    v[base + s] = d4_minus_4d2 + d3_minus_4d1;
+    v[base + 2 * s] = d4_minus_4d2 - d3_minus_4d1;
+    v[base + 3 * s] = d4_minus_d2 + twice_d3_minus_d1;
+    v[base + 4 * s] = d4_minus_d2 - twice_d3_minus_d1;
+    v[base + 5 * s] = 4 * d1 - 5 * d3 + d5;
+  }
+  __attribute__((always_inline)) static void output_line(Lanes* m, int base, int s) {
+    const Lanes m0 = m[base], m1 = m[base + s], m2 = m[base + 2 * s], m3 = m[base + 3 * s],
+                m4 = m[base + 4 * s], m5 = m[base + 5 * s];
+    const Lanes sum12 = m1 + m2, diff12 = m1 - m2, sum34 = m3 + m4, diff34 = m3 - m4;
+    m[base] = m0 + sum12 + sum34;
+    m[base + s] = diff12 + 2 * diff34;
+    m[base + 2 * s] = sum12 + 4 * sum34;
+    m[base + 3 * s] = diff12 + 8 * diff34 + m5;
+  }
+};
+
 struct Upsample {
-  static constexpr int kPoints = 27, kPatch = 3, kStep = 1;
+  static constexpr int kPoints = 27, kPatch = 3, kStep = 1, kOut = 2;
   static int64_t tiles(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
   static int64_t out(const TransformProblem& p, int axis) { return 2 * (p.padded(axis) - 2); }
   static void kernel_line(float* v, int s) {
@@ -500,7 +543,7 @@ __attribute__((always_inline)) inline void input_tile(const float* x, const Tran
 }
 
 // Row `row` of the P (rows, O) products (`point_stride` floats apart), channels [c0, c0 + n),
-// back-transformed, plus bias, into the (up to) 2x2x2 outputs of tile (td, th, tw) of the
+// back-transformed, plus bias, into the (up to) kOut^3 outputs of tile (td, th, tw) of the
 // channels-last result y.
 template <class F, bool kFull>
 __attribute__((always_inline)) inline void output_tile(const float* products, const float* bias,
@@ -511,22 +554,22 @@ __attribute__((always_inline)) inline void output_tile(const float* products, co
   Lanes m[F::kPoints];
   for (int point = 0; point < F::kPoints; ++point)
     m[point] = load_lanes<kFull>(products + point * point_stride + row * p.o + c0, n);
-  // kP values -> 2 along w, then h, then d (kept in the first two slots of each line)
+  // kP values -> kOut along w, then h, then d (kept in the first kOut slots of each line)
   for (int b = 0; b < kP * kP; ++b) F::output_line(m, b * kP, 1);
   for (int a = 0; a < kP; ++a)
-    for (int c = 0; c < 2; ++c) F::output_line(m, a * kP * kP + c, kP);
-  for (int b = 0; b < 2; ++b)
-    for (int c = 0; c < 2; ++c) F::output_line(m, b * kP + c, kP * kP);
+    for (int c = 0; c < F::kOut; ++c) F::output_line(m, a * kP * kP + c, kP);
+  for (int b = 0; b < F::kOut; ++b)
+    for (int c = 0; c < F::kOut; ++c) F::output_line(m, b * kP + c, kP * kP);
   const Lanes bias_lanes = load_lanes<kFull>(bias + c0, n);
   const int64_t out_d = F::out(p, 0), out_h = F::out(p, 1), out_w = F::out(p, 2);
-  for (int a = 0; a < 2; ++a) {
-    const int64_t od = 2 * td + a;
+  for (int a = 0; a < F::kOut; ++a) {
+    const int64_t od = F::kOut * td + a;
     if (od >= out_d) continue;
-    for (int b = 0; b < 2; ++b) {
-      const int64_t oh = 2 * th + b;
+    for (int b = 0; b < F::kOut; ++b) {
+      const int64_t oh = F::kOut * th + b;
       if (oh >= out_h) continue;
-      for (int c = 0; c < 2; ++c) {
-        const int64_t ow = 2 * tw + c;
+      for (int c = 0; c < F::kOut; ++c) {
+        const int64_t ow = F::kOut * tw + c;
         if (ow >= out_w) continue;
         store_lanes<kFull>(y + ((od * out_h + oh) * out_w + ow) * p.o + c0, m[(a * kP + b) * kP + c] + bias_lanes, n);
       }
@@ -796,6 +839,13 @@ ffi::Error WinogradConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight,
   return TransformedConv3d<Winograd>("winograd conv3d", x, weight, bias, y, pads);
 }
 
+ffi::Error Winograd4Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
+                           ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
+                           int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
+  return TransformedConv3d<Winograd4>("winograd4 conv3d", x, weight, bias, y, pads);
+}
+
 ffi::Error UpsampleConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
                           ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
                           int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
@@ -839,12 +889,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
       .Attr<int64_t>("pad_w_lo")                       \
       .Attr<int64_t>("pad_w_hi")
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinogradConv3d, WinogradConv3d, BRAIN_LDM_TRANSFORMED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinograd4Conv3d, Winograd4Conv3d, BRAIN_LDM_TRANSFORMED_BINDING);
 XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmUpsampleConv3d, UpsampleConv3d, BRAIN_LDM_TRANSFORMED_BINDING);
 
 // The version of this file's interface (handler attributes, exported functions). The Python side
 // (models/onednn.py, INTERFACE_VERSION) refuses an extension built from another version, e.g. a
 // stale build left in a source checkout, and runs on XLA instead. Bump both on any change.
-extern "C" int brain_ldm_onednn_interface_version() { return 5; }
+extern "C" int brain_ldm_onednn_interface_version() { return 6; }
 
 // Threads oneDNN's OpenMP runtime uses (for the Python side's one-line report and tests).
 extern "C" int brain_ldm_onednn_max_threads() { return omp_get_max_threads(); }

@@ -47,7 +47,8 @@ class Numerics:
 
     ``implementation``: one of :data:`CONV_IMPLEMENTATIONS`. ``"auto"`` (default): on CPU with
     the extension loaded (:mod:`~brain_ldm_nodes.models.onednn`), oneDNN's direct convolution,
-    or the extension's Winograd F(2,3) where that was measured faster (:data:`WINOGRAD_MIN_CHANNELS`);
+    or the extension's Winograd F(2,3) / F(4,3) where that was measured faster
+    (:data:`WINOGRAD_MIN_CHANNELS`, :data:`WINOGRAD4_MAX_CHANNELS_OUT`);
     else the fastest XLA form per shape; ``"xla"``: one ``lax.conv_general_dilated`` (the
     reference); ``"onednn"``: oneDNN's direct convolution wherever it can, ``"planes"``,
     ``"matmul"``, ``"winograd"``: the XLA forms below.
@@ -155,6 +156,13 @@ class Conv3d(eqx.Module):
 #: them: ≈ 0.55–0.6 on 64 channels).
 WINOGRAD_MIN_CHANNELS = 64
 WINOGRAD_MIN_VOXELS = 1024
+#: Of those, the ones with at most this many output channels (the autoencoder's full-resolution
+#: level) use Winograd F(4×4×4, 3×3×3): 216 products per 64 outputs instead of 512, time ÷ oneDNN
+#: direct 0.42 (64→64) and 0.39 (128→64) instead of 0.71 and 0.59 for F(2,3) (channels-last,
+#: AVX2, 2 cores). Its rounding error is larger (≈ 1e-6…4e-5 relative per convolution against
+#: ≈ 6e-7), so it is not used above: on 128→128 it gained 5 %, and the U-Net's many layers and
+#: 50 steps would compound it.
+WINOGRAD4_MAX_CHANNELS_OUT = 64
 #: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
 #: ``"auto"`` also uses the matrix product for kernels with ≥ 1024 output channels (the sub-pixel
@@ -191,8 +199,8 @@ def conv3d(
     name = numerics.implementation
     pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
     route = _extension_route(weight, x.shape[1:], stride, padding, numerics)
-    if route == "winograd":
-        return onednn.winograd_conv3d(x, weight, bias, padding=padding)
+    if route in ("winograd", "winograd4"):
+        return onednn.winograd_conv3d(x, weight, bias, padding=padding, tile=2 if route == "winograd" else 4)
     if route == "direct":
         blocked = True
         recorder = _PACKING.get()
@@ -224,8 +232,8 @@ def conv3d(
 
 def _extension_route(weight: Array | onednn.PackedKernel, spatial: tuple[int, ...], stride: int,
                      padding: Padding, numerics: Numerics) -> str | None:
-    """How :func:`conv3d` evaluates a convolution in the oneDNN extension: ``"winograd"``,
-    ``"direct"``, or ``None`` (not there: XLA)."""
+    """How :func:`conv3d` evaluates a convolution in the oneDNN extension: ``"winograd"``
+    (F(2,3)), ``"winograd4"`` (F(4,3)), ``"direct"``, or ``None`` (not there: XLA)."""
     pointwise = tuple(weight.shape[2:]) == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
     if (numerics.implementation not in ("auto", "onednn") or pointwise or numerics.operand_dtype != "float32"
             or not onednn.available()):
@@ -233,7 +241,7 @@ def _extension_route(weight: Array | onednn.PackedKernel, spatial: tuple[int, ..
     # a kernel already packed for the direct convolution (another input size) stays on it
     if (numerics.implementation == "auto" and not isinstance(weight, onednn.PackedKernel)
             and _winograd_wins(weight, spatial, stride, padding)):
-        return "winograd"
+        return "winograd4" if weight.shape[0] <= WINOGRAD4_MAX_CHANNELS_OUT else "winograd"
     return "direct"
 
 
@@ -252,8 +260,9 @@ def conv3d_channels_last(
     channels-last pays no transposes around its convolutions; elsewhere :func:`conv3d` runs on
     the transposed volume."""
     route = _extension_route(weight, x.shape[:3], 1, padding, numerics)
-    if route == "winograd":
-        return onednn.winograd_conv3d(x, weight, bias, padding=padding, channels_last=True)
+    if route in ("winograd", "winograd4"):
+        return onednn.winograd_conv3d(x, weight, bias, padding=padding, channels_last=True,
+                                      tile=2 if route == "winograd" else 4)
     if route == "direct":
         return onednn.conv3d(x, _plain(weight), bias, stride=1, padding=padding, channels_last=True)
     channels_first = conv3d(jnp.moveaxis(x, -1, 0), weight, bias, padding=padding, numerics=numerics)
@@ -261,7 +270,7 @@ def conv3d_channels_last(
 
 
 def _winograd_wins(weight: Array, spatial: tuple[int, ...], stride: int, padding: Padding) -> bool:
-    """Whether ``"auto"`` evaluates this convolution by Winograd F(2,3) on oneDNN (see
+    """Whether ``"auto"`` evaluates this convolution by Winograd on oneDNN (see
     :data:`WINOGRAD_MIN_CHANNELS`)."""
     out_voxels = math.prod(size + lo + hi - 2 for size, (lo, hi) in zip(spatial, padding))
     return (tuple(weight.shape[2:]) == (3, 3, 3) and stride == 1

@@ -39,13 +39,15 @@ log = logging.getLogger("brain_ldm_nodes")
 TARGET = "brain_ldm_onednn_conv3d"
 #: Name of the FFI target of the Winograd F(2,3) convolution (``BrainLdmWinogradConv3d``).
 WINOGRAD_TARGET = "brain_ldm_winograd_conv3d"
+#: Name of the FFI target of the Winograd F(4,3) convolution (``BrainLdmWinograd4Conv3d``).
+WINOGRAD4_TARGET = "brain_ldm_winograd4_conv3d"
 #: Name of the FFI target of the nearest-×2-upsampling-then-3×3×3 convolution (``BrainLdmUpsampleConv3d``).
 UPSAMPLE_TARGET = "brain_ldm_upsample_conv3d"
 #: Set to ``0`` / ``off`` to never load the extension (the pure-XLA path everywhere).
 DISABLE_VARIABLE = "BRAIN_LDM_NODES_ONEDNN"
 #: ``brain_ldm_onednn_interface_version()`` of the handler this module speaks to; an extension
 #: built from another version of ``csrc/onednn_conv3d.cc`` is not used.
-INTERFACE_VERSION = 5
+INTERFACE_VERSION = 6
 
 
 def _extension_path() -> Path | None:
@@ -92,6 +94,7 @@ def _library() -> ctypes.CDLL | None:
         return None
     jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(library.BrainLdmOnednnConv3d), platform="cpu")
     jax.ffi.register_ffi_target(WINOGRAD_TARGET, jax.ffi.pycapsule(library.BrainLdmWinogradConv3d), platform="cpu")
+    jax.ffi.register_ffi_target(WINOGRAD4_TARGET, jax.ffi.pycapsule(library.BrainLdmWinograd4Conv3d), platform="cpu")
     jax.ffi.register_ffi_target(UPSAMPLE_TARGET, jax.ffi.pycapsule(library.BrainLdmUpsampleConv3d), platform="cpu")
     library.brain_ldm_onednn_max_threads.restype = ctypes.c_int
     library.brain_ldm_onednn_transform_isa.restype = ctypes.c_char_p
@@ -333,15 +336,20 @@ def winograd_conv3d(
     *,
     padding: Padding,
     channels_last: bool = False,
+    tile: int = 2,
 ) -> Float[Array, "out d2 h2 w2"]:
-    """3×3×3 convolution, stride 1, zero ``padding`` 0 or 1 per side, by Winograd F(2×2×2, 3×3×3)
-    in the extension: input and output transforms in C++ on channels-last tiles, the 64 products
-    summed over input channels as batched oneDNN matrix products; 3.4× fewer multiplies than the
-    direct convolution. Same arguments and layouts as :func:`conv3d` (a plain kernel only;
-    ``channels_last``: ``(D, H, W, I) -> (D', H', W', O)``, the extension's own layout, no
-    transposes); works under :func:`jax.jit` and :func:`jax.vmap`."""
+    """3×3×3 convolution, stride 1, zero ``padding`` 0 or 1 per side, by Winograd in the
+    extension: input and output transforms in C++ on channels-last tiles, the products summed
+    over input channels as batched oneDNN matrix products. ``tile=2``: F(2×2×2, 3×3×3), 64
+    products per 8 outputs (3.4× fewer multiplies than the direct convolution, rounding as
+    small); ``tile=4``: F(4×4×4, 3×3×3), 216 per 64 (8×), its transforms amplifying float32
+    rounding to ≈ 1e-6…4e-5 relative per convolution. Same arguments and layouts as
+    :func:`conv3d` (a plain kernel only; ``channels_last``: ``(D, H, W, I) -> (D', H', W', O)``,
+    the extension's own layout, no transposes); works under :func:`jax.jit` and :func:`jax.vmap`."""
     spatial = x.shape[:3] if channels_last else x.shape[1:]
-    return _transformed_conv3d(WINOGRAD_TARGET, x, weight, bias, padding,
+    if tile not in (2, 4):
+        raise ValueError(f"tile: 2 (F(2,3)) or 4 (F(4,3)), got {tile!r}")
+    return _transformed_conv3d(WINOGRAD_TARGET if tile == 2 else WINOGRAD4_TARGET, x, weight, bias, padding,
                                _out_shape(spatial, (3, 3, 3), 1, padding), channels_last)
 
 
