@@ -163,6 +163,8 @@ WINOGRAD_MIN_VOXELS = 1024
 #: ≈ 6e-7), so it is not used above: on 128→128 it gained 5 %, and the U-Net's many layers and
 #: 50 steps would compound it.
 WINOGRAD4_MAX_CHANNELS_OUT = 64
+#: The Winograd routes of :func:`_extension_route` and their ``onednn.winograd_conv3d`` tile sizes.
+WINOGRAD_TILES = {"winograd": 2, "winograd4": 4}
 #: Largest volume (voxels per example) evaluated as one im2col matrix product by ``"auto"`` on XLA.
 MATMUL_MAX_VOXELS = 2048
 #: ``"auto"`` also uses the matrix product for kernels with ≥ 1024 output channels (the sub-pixel
@@ -199,8 +201,8 @@ def conv3d(
     name = numerics.implementation
     pointwise = kernel == (1, 1, 1) and stride == 1 and padding == ((0, 0),) * 3
     route = _extension_route(weight, x.shape[1:], stride, padding, numerics)
-    if route in ("winograd", "winograd4"):
-        return onednn.winograd_conv3d(x, weight, bias, padding=padding, tile=2 if route == "winograd" else 4)
+    if route in WINOGRAD_TILES:
+        return onednn.winograd_conv3d(x, weight, bias, padding=padding, tile=WINOGRAD_TILES[route])
     if route == "direct":
         blocked = True
         recorder = _PACKING.get()
@@ -260,9 +262,9 @@ def conv3d_channels_last(
     channels-last pays no transposes around its convolutions; elsewhere :func:`conv3d` runs on
     the transposed volume."""
     route = _extension_route(weight, x.shape[:3], 1, padding, numerics)
-    if route in ("winograd", "winograd4"):
+    if route in WINOGRAD_TILES:
         return onednn.winograd_conv3d(x, weight, bias, padding=padding, channels_last=True,
-                                      tile=2 if route == "winograd" else 4)
+                                      tile=WINOGRAD_TILES[route])
     if route == "direct":
         return onednn.conv3d(x, _plain(weight), bias, stride=1, padding=padding, channels_last=True)
     channels_first = conv3d(jnp.moveaxis(x, -1, 0), weight, bias, padding=padding, numerics=numerics)
