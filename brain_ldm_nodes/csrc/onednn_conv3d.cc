@@ -395,6 +395,7 @@ __attribute__((always_inline)) inline void store_lanes(float* to, const Lanes& v
 
 struct Winograd {
   static constexpr int kPoints = 64, kPatch = 4, kStep = 2, kOut = 2;
+  static constexpr const char* kName = "winograd conv3d";
   static int64_t tiles(const TransformProblem& p, int axis) { return (p.padded(axis) - 2 + 1) / 2; }
   static int64_t out(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
   // G g along one axis: 3 values -> 4 (in place in `v`, stride between values `s`).
@@ -421,6 +422,7 @@ struct Winograd {
 //   A^T = [1 1 1 1 1 0; 0 1 -1 2 -2 0; 0 1 1 4 4 0; 0 1 -1 8 -8 1].
 struct Winograd4 {
   static constexpr int kPoints = 216, kPatch = 6, kStep = 4, kOut = 4;
+  static constexpr const char* kName = "winograd4 conv3d";
   static int64_t tiles(const TransformProblem& p, int axis) { return (p.padded(axis) - 2 + 3) / 4; }
   static int64_t out(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
   static void kernel_line(float* v, int s) {
@@ -453,6 +455,7 @@ struct Winograd4 {
 
 struct Upsample {
   static constexpr int kPoints = 27, kPatch = 3, kStep = 1, kOut = 2;
+  static constexpr const char* kName = "upsample conv3d";
   static int64_t tiles(const TransformProblem& p, int axis) { return p.padded(axis) - 2; }
   static int64_t out(const TransformProblem& p, int axis) { return 2 * (p.padded(axis) - 2); }
   static void kernel_line(float* v, int s) {
@@ -721,9 +724,9 @@ void run_point_matmul(dnnl::stream& stream, const PointMatmul& matmul, float* tr
 Scratch scratch_transform_kernel, scratch_transform_in, scratch_transform_products, scratch_transform_pad;
 
 template <class F>
-ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight,
-                             ffi::Buffer<ffi::F32> bias, ffi::ResultBuffer<ffi::F32> y, const int64_t (&pads)[6]) {
-  const std::string where = std::string(name) + ": ";
+ffi::Error TransformedConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
+                             ffi::ResultBuffer<ffi::F32> y, const int64_t (&pads)[6]) {
+  const std::string where = std::string(F::kName) + ": ";
   const auto xd = x.dimensions(), wd = weight.dimensions(), bd = bias.dimensions();
   if (xd.size() < 4 || wd.size() < 5 || bd.size() < 1)
     return ffi::Error::InvalidArgument(where + "x needs rank >= 4, weight >= 5, bias >= 1");
@@ -832,25 +835,13 @@ ffi::Error TransformedConv3d(const char* name, ffi::Buffer<ffi::F32> x, ffi::Buf
   return ffi::Error::Success();
 }
 
-ffi::Error WinogradConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
-                          int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
+// The FFI handler of transform F: attributes are the six paddings.
+template <class F>
+ffi::Error TransformedHandler(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
+                              ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
+                              int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
   const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
-  return TransformedConv3d<Winograd>("winograd conv3d", x, weight, bias, y, pads);
-}
-
-ffi::Error Winograd4Conv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
-                           ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
-                           int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
-  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
-  return TransformedConv3d<Winograd4>("winograd4 conv3d", x, weight, bias, y, pads);
-}
-
-ffi::Error UpsampleConv3d(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> weight, ffi::Buffer<ffi::F32> bias,
-                          ffi::ResultBuffer<ffi::F32> y, int64_t pad_d_lo, int64_t pad_d_hi, int64_t pad_h_lo,
-                          int64_t pad_h_hi, int64_t pad_w_lo, int64_t pad_w_hi) {
-  const int64_t pads[6] = {pad_d_lo, pad_d_hi, pad_h_lo, pad_h_hi, pad_w_lo, pad_w_hi};
-  return TransformedConv3d<Upsample>("upsample conv3d", x, weight, bias, y, pads);
+  return TransformedConv3d<F>(x, weight, bias, y, pads);
 }
 
 }  // namespace
@@ -888,9 +879,9 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmOnednnConv3d, Conv3d,
       .Attr<int64_t>("pad_h_hi")                       \
       .Attr<int64_t>("pad_w_lo")                       \
       .Attr<int64_t>("pad_w_hi")
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinogradConv3d, WinogradConv3d, BRAIN_LDM_TRANSFORMED_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinograd4Conv3d, Winograd4Conv3d, BRAIN_LDM_TRANSFORMED_BINDING);
-XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmUpsampleConv3d, UpsampleConv3d, BRAIN_LDM_TRANSFORMED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinogradConv3d, TransformedHandler<Winograd>, BRAIN_LDM_TRANSFORMED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmWinograd4Conv3d, TransformedHandler<Winograd4>, BRAIN_LDM_TRANSFORMED_BINDING);
+XLA_FFI_DEFINE_HANDLER_SYMBOL(BrainLdmUpsampleConv3d, TransformedHandler<Upsample>, BRAIN_LDM_TRANSFORMED_BINDING);
 
 // The version of this file's interface (handler attributes, exported functions). The Python side
 // (models/onednn.py, INTERFACE_VERSION) refuses an extension built from another version, e.g. a
